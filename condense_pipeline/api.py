@@ -1,0 +1,223 @@
+"""Python API: the whole job (`run`) and its stages, as the CLI calls them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from condense_pipeline import storage
+from condense_pipeline.config import CondenseConfig, StatsConfig
+from condense_pipeline.datasets import Profile, data_home
+from condense_pipeline.errors import UserError
+from condense_pipeline.evaluate.protocol import EvalConfig, evaluate_condensed
+from condense_pipeline.formats import (
+    ERROR,
+    EVAL_DIR,
+    EXPORT_DIR,
+    IMAGE,
+    LABEL,
+    MANIFEST,
+    TEST,
+    TRAIN,
+)
+from condense_pipeline.pipeline import read
+from condense_pipeline.pipeline.condense import (
+    condense_dir,
+    decoded_set,
+    read_bank,
+    run_condense,
+)
+from condense_pipeline.pipeline.export import export_condensed
+from condense_pipeline.pipeline.stats import StatsResult, load_stats, run_stats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole job: stats -> condense -> export -> evaluate."""
+
+    profile: Profile
+    run_dir: str
+    data: str
+    test: str | None
+    stats: StatsConfig
+    condense: CondenseConfig
+    evaluate: EvalConfig | None  # None: skip evaluation
+    address: str | None = None
+    overwrite: bool = False
+
+
+@dataclass
+class RunSummary:
+    run_dir: str
+    condense_dir: str
+    seconds: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+    report: dict | None = None
+
+
+def default_data(profile: Profile, split: str) -> str:
+    """Where `prepare` put the dataset's split, with a clear line if it is not there."""
+    path = os.path.join(data_home(profile.name), split)
+    if not storage.exists(os.path.join(path, "dataset.json")):
+        how = (
+            "condense-pipeline prepare digits"
+            if profile.name == "digits"
+            else f"condense-pipeline prepare {profile.name} --source PATH"
+        )
+        raise UserError(f"no prepared {split} shards for {profile.name} at {path}: run `{how}`")
+    return path
+
+
+def run(cfg: RunConfig, progress=None) -> RunSummary:
+    """Run (or resume) every stage of the job; each stage skips what is already done."""
+    say = progress or (lambda line: None)
+    summary = RunSummary(cfg.run_dir, condense_dir(cfg.run_dir, cfg.condense))
+    manifest = storage.join(cfg.run_dir, MANIFEST)
+    record = storage.read_json(manifest) if storage.exists(manifest) else {"stages": {}}
+    record.update(
+        {
+            "dataset": cfg.profile.name,
+            "config": _jsonable(cfg),
+            "versions": versions(),
+        }
+    )
+
+    def stage(name, fn):
+        say(f"== {name}")
+        started = time.perf_counter()
+        out = fn()
+        summary.seconds[name] = round(time.perf_counter() - started, 2)
+        record["stages"][name] = {"status": "done", "seconds": summary.seconds[name]}
+        storage.write_json(manifest, record)
+        return out
+
+    stats: StatsResult = stage(
+        "stats",
+        lambda: run_stats(
+            cfg.profile,
+            cfg.data,
+            cfg.run_dir,
+            cfg.stats,
+            address=cfg.address,
+            overwrite=cfg.overwrite,
+            progress=say,
+        ),
+    )
+    summary.stats = {**stats.summary, "reused": stats.reused}
+    result = stage(
+        "condense",
+        lambda: run_condense(cfg.run_dir, cfg.condense, address=cfg.address, progress=say),
+    )
+    stage("export", lambda: export(cfg.run_dir, cfg.condense, cfg.profile, result))
+    if cfg.evaluate is not None:
+        summary.report = stage(
+            "evaluate",
+            lambda: evaluate(cfg.run_dir, cfg.condense, cfg.profile, cfg.evaluate, cfg.test, say),
+        )
+    record["stats"] = summary.stats
+    storage.write_json(manifest, record)
+    return summary
+
+
+def export(run_dir: str, cond: CondenseConfig, profile: Profile, result=None) -> dict:
+    """Write the condensed set of `cond` as WebDataset, Parquet, previews and a manifest."""
+    if result is None:
+        result = run_condense(run_dir, cond)
+    bank = read_bank(run_dir)
+    images, labels = decoded_set(result, cond.factor)
+    provenance = {
+        "method": cond.method,
+        "ipc": cond.ipc,
+        "factor": cond.factor,
+        "seed": cond.seed,
+        "condense": cond.folder_name(),
+        "dataset": bank["dataset"],
+    }
+    return export_condensed(
+        images,
+        labels,
+        bank["class_names"],
+        profile,
+        storage.join(result.folder, EXPORT_DIR),
+        provenance={**provenance, "bank_seed": bank["spec"]["seed"]},
+        loss_log=result.history,
+    )
+
+
+def load_split(shards: str, profile: Profile) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every good image of a split in memory: (float normalised [n, C, H, W], labels [n])."""
+    images, labels = [], []
+    for row in read.iter_decoded(storage.list_shards(shards), profile, profile.num_classes):
+        if not row[ERROR]:
+            images.append(row[IMAGE])
+            labels.append(row[LABEL])
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(profile.mean).view(1, -1, 1, 1)
+    std = torch.tensor(profile.std).view(1, -1, 1, 1)
+    return (x - mean) / std, torch.tensor(labels)
+
+
+def evaluate(
+    run_dir: str,
+    cond: CondenseConfig,
+    profile: Profile,
+    cfg: EvalConfig,
+    test: str | None = None,
+    progress=None,
+) -> dict:
+    """The evaluation protocol on the exported set, next to random real subsets of the same IPC
+    drawn from the init pool (itself a uniform random sample of each class)."""
+    folder = condense_dir(run_dir, cond)
+    test_x, test_y = load_split(test or default_data(profile, TEST), profile)
+    stats = load_stats(run_dir, list(range(profile.num_classes)))
+    pool = [stats.pool(c)[0] for c in range(profile.num_classes)]
+    pool_x = torch.cat(pool).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(profile.mean).view(1, -1, 1, 1)
+    std = torch.tensor(profile.std).view(1, -1, 1, 1)
+    pool_y = torch.cat([torch.full((len(p),), c) for c, p in enumerate(pool)])
+    if min(len(p) for p in pool) < cond.ipc:
+        pool_x = pool_y = None  # no baseline when the pool is smaller than the IPC
+    return evaluate_condensed(
+        storage.join(folder, EXPORT_DIR),
+        test_x,
+        test_y,
+        None if pool_x is None else (pool_x - mean) / std,
+        pool_y,
+        profile,
+        profile.num_classes,
+        cond.ipc,
+        cfg,
+        progress=progress,
+        report_dir=storage.join(folder, EVAL_DIR),
+    )
+
+
+def versions() -> dict:
+    import ray
+
+    from condense_pipeline import __version__
+
+    return {
+        "condense_pipeline": __version__,
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _jsonable(cfg: RunConfig) -> dict:
+    d = asdict(cfg)
+    d["profile"] = cfg.profile.name
+    d["resolution"] = cfg.profile.resolution
+    return d
+
+
+__all__ = ["RunConfig", "run", "export", "evaluate", "default_data", "TRAIN"]

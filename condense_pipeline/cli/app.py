@@ -1,0 +1,412 @@
+"""The `condense-pipeline` command. It builds frozen configs, calls the API and prints progress;
+a UserError becomes one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import typer
+
+from condense_pipeline import storage
+from condense_pipeline.config import CondenseConfig, condense_config, stats_config
+from condense_pipeline.datasets import METHODS, PROFILES, get_profile
+from condense_pipeline.errors import UserError
+from condense_pipeline.formats import TEST, TRAIN
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+say = typer.echo
+
+# Options shared by several commands.
+ADDRESS = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
+SEED = typer.Option(0, help="Seed of the probe bank / condensation.")
+
+
+def _classes(spec: str | None) -> tuple[int, ...] | None:
+    """'0-99' or '1,5,7' -> class indices."""
+    if not spec:
+        return None
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            out += list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise UserError(f"--classes takes indices like 0-99 or 1,5,7, not {spec!r}") from None
+    return tuple(out)
+
+
+def _methods(method: str) -> tuple[str, ...]:
+    if method == "all":
+        return METHODS
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)} or all")
+    return (method,)
+
+
+@app.command()
+def datasets() -> None:
+    """List the dataset profiles."""
+    say(f"{'name':14} {'classes':>7} {'px':>4} {'ch':>3} {'depth':>5} {'K':>5} {'M':>4}  about")
+    for p in PROFILES.values():
+        m = "all" if p.real_per_probe is None else p.real_per_probe
+        say(
+            f"{p.name:14} {p.num_classes:7d} {p.resolution:4d} {p.channels:3d} {p.depth:5d} "
+            f"{p.probes:5d} {m!s:>4}  {p.description}"
+        )
+
+
+@app.command()
+def prepare(
+    dataset: str,
+    source: str = typer.Option(None, help="What to convert (not needed for digits)."),
+    out: str = typer.Option(None, help="Output folder (default: the per-user data home)."),
+    split: str = typer.Option(None, help="train or test, for sources holding one split."),
+    labels: str = typer.Option(None, help="Labels file of a flat image folder."),
+    shard_size: int = typer.Option(1000, help="Samples per shard."),
+    seed: int = typer.Option(0, help="Shuffle seed."),
+) -> None:
+    """Convert a source into shuffled WebDataset train/test shards plus dataset.json."""
+    from condense_pipeline.prepare import prepare_dataset
+
+    get_profile(dataset)
+    started = time.perf_counter()
+    summary = prepare_dataset(
+        dataset, source, out, split=split, labels=labels, shard_size=shard_size, seed=seed
+    )
+    for name, s in summary.items():
+        say(f"{name}: {s['samples']} samples in {s['shards']} shards at {s['path']}")
+    say(f"prepared {dataset} in {time.perf_counter() - started:.1f} s")
+
+
+def _data(profile, data: str | None, split: str) -> str:
+    from condense_pipeline.api import default_data
+
+    return data or default_data(profile, split)
+
+
+def _dry_run_stats(profile, cfg, data: str) -> None:
+    from condense_pipeline.pipeline.estimate import stats_plan
+
+    for line in stats_plan(profile, cfg, data):
+        say(line)
+
+
+@app.command()
+def stats(
+    dataset: str,
+    out: str = typer.Option(..., help="Run directory."),
+    data: str = typer.Option(None, help="Training shards: folder, glob or brace pattern."),
+    method: str = typer.Option("all", help="dm, m3d, datadam or all."),
+    probes: int = typer.Option(None, help="Probe bank size K."),
+    real_per_probe: str = typer.Option(None, help="Real images per class per probe M, or all."),
+    rff_dim: int = typer.Option(None, help="M3D random Fourier features R (a multiple of 5)."),
+    init_pool: int = typer.Option(None, help="Initial images kept per class."),
+    attention_power: float = typer.Option(None, help="DataDAM's power p."),
+    resolution: int = typer.Option(None, help="Image size (imagenet: 64 or 128)."),
+    workers: int = typer.Option(None, help="Stats workers (default: one per GPU, or CPUs - 1)."),
+    max_bad_fraction: float = typer.Option(None, help="Fail above this fraction of bad samples."),
+    seed: int = SEED,
+    address: str = ADDRESS,
+    overwrite: bool = typer.Option(False, help="Replace conflicting statistics."),
+    dry_run: bool = typer.Option(False, help="Print the cost and compute nothing."),
+) -> None:
+    """Compute the probe bank's per-class statistics (one pass over the shards)."""
+    from condense_pipeline.pipeline.stats import run_stats
+
+    profile = get_profile(dataset, resolution)
+    cfg = stats_config(
+        profile,
+        _methods(method),
+        probes=probes,
+        real_per_probe=_int_or_all(real_per_probe),
+        rff_dim=rff_dim,
+        init_pool=init_pool,
+        attention_power=attention_power,
+        workers=workers,
+        max_bad_fraction=max_bad_fraction,
+        seed=seed,
+    )
+    shards = _data(profile, data, TRAIN)
+    if dry_run:
+        return _dry_run_stats(profile, cfg, shards)
+    result = run_stats(
+        profile, shards, out, cfg, address=address, overwrite=overwrite, progress=say
+    )
+    _print_stats(result.summary, result.reused)
+
+
+def _int_or_all(value: str | None):
+    if value is None or value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"--real-per-probe takes a number or 'all', not {value!r}") from None
+
+
+def _print_stats(s: dict, reused: bool) -> None:
+    if reused:
+        say(f"statistics reused ({s['images']} images, computed in {s['seconds']} s)")
+        return
+    say(
+        f"stats: {s['images']} images, {s['skipped']} skipped, {s['forwards']} probe forwards, "
+        f"{s['seconds']} s, {s['images_per_s']} images/s on {s['workers']} {s['device']} worker(s)"
+    )
+    for shard, reasons in s["rejected"].items():
+        say(f"  skipped in {shard}: {', '.join(f'{n} {r}' for r, n in reasons.items())}")
+    if s.get("retries"):
+        say(f"  retried units: {s['retries']}")
+
+
+def _condense_cfg(profile, method, ipc, **kw) -> CondenseConfig:
+    return condense_config(profile, method, ipc, **kw)
+
+
+def _profile_of_run(run_dir: str):
+    from condense_pipeline.condense.bank import BankSpec
+    from condense_pipeline.pipeline.condense import read_bank
+
+    bank = read_bank(run_dir)
+    spec = BankSpec.from_json(bank["spec"])
+    return get_profile(bank["profile"], spec.resolution), bank
+
+
+@app.command()
+def condense(
+    run_dir: str,
+    ipc: int = typer.Option(..., help="Images per class (stored)."),
+    method: str = typer.Option(None, help="dm, m3d or datadam (default: what the stats hold)."),
+    iterations: int = typer.Option(None, help="Optimisation steps."),
+    lr: float = typer.Option(None, help="Image learning rate (m3d: in [0, 1] pixel space)."),
+    factor: int = typer.Option(None, help="Multi-formation factor f (f^2 images per stored)."),
+    init: str = typer.Option(None, help="real, noise or mix."),
+    iters_per_probe: int = typer.Option(None, help="Consecutive steps per probe."),
+    groups: int = typer.Option(None, help="Class groups (parallel tasks)."),
+    classes: str = typer.Option(None, help="A subset, e.g. 0-99 or 1,5,7."),
+    targets: str = typer.Option(None, help="bank (statistics) or online (the papers' way)."),
+    batch_real: int = typer.Option(None, help="Real images per class per step (online)."),
+    seed: int = SEED,
+    address: str = ADDRESS,
+    dry_run: bool = typer.Option(False, help="Print the cost and compute nothing."),
+) -> None:
+    """Optimise synthetic images per class against the statistics in RUN_DIR."""
+    from condense_pipeline.pipeline.condense import run_condense
+
+    profile, bank = _profile_of_run(run_dir)
+    method = method or _default_method(bank)
+    cfg = _condense_cfg(
+        profile,
+        method,
+        ipc,
+        steps=iterations,
+        lr=lr,
+        factor=factor,
+        init=init,
+        iters_per_probe=iters_per_probe,
+        groups=groups,
+        classes=_classes(classes),
+        targets=targets,
+        batch_real=batch_real,
+        seed=seed,
+    )
+    if dry_run:
+        from condense_pipeline.pipeline.estimate import condense_plan
+
+        for line in condense_plan(profile, cfg):
+            say(line)
+        return
+    result = run_condense(run_dir, cfg, address=address, progress=say)
+    say(f"condensed {len(result.labels)} images into {result.folder}")
+
+
+def _default_method(bank: dict) -> str:
+    held = bank["spec"]["statistics"]
+    return "m3d" if "rff" in held else "dm" if "emb" in held else "datadam"
+
+
+def _load_condense_dir(folder: str):
+    cfg_path = storage.join(folder, "config.json")
+    if not storage.exists(cfg_path):
+        raise UserError(f"{folder} is not a condensation folder (no config.json)")
+    raw = storage.read_json(cfg_path)
+    raw["classes"] = tuple(raw["classes"]) if raw["classes"] is not None else None
+    cfg = CondenseConfig(**raw)
+    run_dir = os.path.dirname(os.path.dirname(folder.rstrip("/")))
+    return run_dir, cfg
+
+
+@app.command()
+def export(condense_dir: str) -> None:
+    """Export a finished condensation (RUN_DIR/condense/<config>) as WebDataset and Parquet."""
+    from condense_pipeline import api
+
+    run_dir, cfg = _load_condense_dir(condense_dir)
+    profile, _ = _profile_of_run(run_dir)
+    s = api.export(run_dir, cfg, profile)
+    say(f"exported {s['num_images']} images to {s['out_dir']}")
+
+
+@app.command()
+def evaluate(
+    condense_dir: str,
+    test: str = typer.Option(None, help="Test shards (default: the prepared test split)."),
+    epochs: int = typer.Option(None, help="Training epochs (default: the profile's)."),
+    runs: int = typer.Option(5, help="Training runs per set."),
+    model: str = typer.Option("convnet", help="convnet, alexnet, vgg11 or resnet18."),
+) -> None:
+    """Train on the exported set and on random real subsets; test on the real test split."""
+    from condense_pipeline import api
+    from condense_pipeline.evaluate.protocol import EvalConfig
+
+    run_dir, cfg = _load_condense_dir(condense_dir)
+    profile, _ = _profile_of_run(run_dir)
+    ecfg = EvalConfig(model=model, epochs=epochs or profile.eval_epochs, runs=runs)
+    report = api.evaluate(run_dir, cfg, profile, ecfg, test, progress=say)
+    _print_report(report)
+
+
+def _print_report(r: dict) -> None:
+    c = r["condensed"]
+    line = f"accuracy ({r['model']}, {r['epochs']} epochs, {r['runs']} runs): condensed "
+    line += f"{c['mean']:.2f} ± {c['std']:.2f}%"
+    if r.get("random_real"):
+        b = r["random_real"]
+        line += f" vs random real {b['mean']:.2f} ± {b['std']:.2f}% (IPC {r['ipc']})"
+    say(line)
+
+
+@app.command()
+def run(
+    dataset: str,
+    ipc: int = typer.Option(10, help="Images per class (stored)."),
+    method: str = typer.Option(None, help="dm, m3d or datadam (default: the profile's)."),
+    data: str = typer.Option(None, help="Training shards (default: the prepared train split)."),
+    test: str = typer.Option(None, help="Test shards (default: the prepared test split)."),
+    out: str = typer.Option(None, help="Run directory (default: ./runs/DATASET-ipcN-METHOD)."),
+    resolution: int = typer.Option(None, help="Image size (imagenet: 64 or 128)."),
+    probes: int = typer.Option(None, help="Probe bank size K."),
+    real_per_probe: str = typer.Option(None, help="Real images per class per probe M, or all."),
+    iterations: int = typer.Option(None, help="Condensation steps."),
+    classes: str = typer.Option(None, help="Condense a subset, e.g. 0-99."),
+    targets: str = typer.Option(None, help="bank (statistics) or online (the papers' way)."),
+    epochs: int = typer.Option(None, help="Evaluation epochs (default: the profile's)."),
+    runs: int = typer.Option(5, help="Evaluation runs."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Skip evaluation."),
+    seed: int = SEED,
+    address: str = ADDRESS,
+    overwrite: bool = typer.Option(False, help="Replace conflicting statistics."),
+    dry_run: bool = typer.Option(False, help="Print the plan and its cost, compute nothing."),
+) -> None:
+    """The whole job: stats -> condense -> export -> evaluate (resumes when rerun)."""
+    from condense_pipeline import api
+    from condense_pipeline.evaluate.protocol import EvalConfig
+
+    profile = get_profile(dataset, resolution)
+    if dataset == "digits" and data is None:
+        _prepare_digits_once()
+    train = _data(profile, data, TRAIN)
+    method = method or _fits_method(profile, probes)
+    cond = _condense_cfg(
+        profile,
+        method,
+        ipc,
+        steps=iterations,
+        classes=_classes(classes),
+        targets=targets,
+        seed=seed,
+    )
+    from condense_pipeline.condense.synthetic import needed_pool
+
+    scfg = stats_config(
+        profile,
+        (method,),
+        probes=probes,
+        real_per_probe=_int_or_all(real_per_probe),
+        init_pool=max(needed_pool(ipc, cond.factor, cond.init), ipc, 1),
+        seed=seed,
+    )
+    if dry_run:
+        from condense_pipeline.pipeline.estimate import condense_plan
+
+        _dry_run_stats(profile, scfg, train)
+        for line in condense_plan(profile, cond):
+            say(line)
+        return
+    if not no_eval and test is None:
+        test = _data(profile, None, TEST)
+    cfg = api.RunConfig(
+        profile=profile,
+        run_dir=out or os.path.join("runs", f"{dataset}-ipc{ipc}-{method}"),
+        data=train,
+        test=test,
+        stats=scfg,
+        condense=cond,
+        evaluate=None if no_eval else EvalConfig(epochs=epochs or profile.eval_epochs, runs=runs),
+        address=address,
+        overwrite=overwrite,
+    )
+    summary = api.run(cfg, progress=say)
+    _print_stats(summary.stats, summary.stats["reused"])
+    say("time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary.seconds.items()))
+    if summary.report:
+        _print_report(summary.report)
+    say(f"outputs: {summary.condense_dir}/export (wds/, parquet/, preview.png, loss.png)")
+
+
+def _fits_method(profile, probes) -> str:
+    """The profile's method; dm when M3D's statistics would not fit comfortably in memory."""
+    from condense_pipeline.pipeline.estimate import accumulator_bytes, memory_bytes
+
+    need = accumulator_bytes(profile, probes or profile.probes, ("rff",), profile.rff_dim)
+    if profile.default_method != "m3d":
+        return profile.default_method
+    return "m3d" if need < memory_bytes() / 4 else "dm"
+
+
+def _prepare_digits_once() -> None:
+    from condense_pipeline.datasets import data_home
+    from condense_pipeline.prepare import prepare_dataset
+
+    if not storage.exists(os.path.join(data_home("digits"), TRAIN, "dataset.json")):
+        say("preparing the built-in digits data (first use)")
+        prepare_dataset("digits", None, None)
+
+
+@app.command()
+def show(run_dir: str) -> None:
+    """Print a run's summary and where its outputs are."""
+    from condense_pipeline.formats import CONDENSE_DIR, MANIFEST
+
+    manifest = storage.join(run_dir, MANIFEST)
+    if not storage.exists(manifest):
+        raise UserError(f"{run_dir} has no {MANIFEST}: it is not a run directory")
+    m = storage.read_json(manifest)
+    say(f"run {run_dir}: dataset {m['dataset']}")
+    for name, st in m["stages"].items():
+        say(f"  {name}: {st['status']} in {st['seconds']} s")
+    for folder in storage.list_dir(storage.join(run_dir, CONDENSE_DIR)):
+        report = storage.join(run_dir, CONDENSE_DIR, folder, "eval", "report.json")
+        line = f"  condense/{folder}"
+        if storage.exists(report):
+            r = storage.read_json(report)
+            line += f": condensed {r['condensed']['mean']:.2f}%"
+            if r.get("random_real"):
+                line += f", random real {r['random_real']['mean']:.2f}%"
+        say(line)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except UserError as e:
+        cause = getattr(e, "cause", None)  # a UserError raised inside a Ray task
+        typer.echo(f"error: {cause if isinstance(cause, UserError) else e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""ClassStats: per (probe, class) sums of everything DM, M3D and DataDAM need from the real data.
+
+Sums are float64 and add: stats(A) + stats(B) == stats(A u B). That is what makes the pass
+shardable across workers and resumable per work unit. Alongside, an init pool keeps per class the
+`init_pool` images with the smallest stable key hash (bottom-k), which also merges exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from condense_pipeline import storage
+from condense_pipeline.condense.bank import ProbeBank, derive_seed, key_hashes
+from condense_pipeline.condense.networks import attention_dims, attention_map
+
+EMPTY_HASH = np.iinfo(np.uint64).max
+
+
+@dataclass
+class ClassStats:
+    """Sums over the real images of each (probe k, class c). Shapes: K probes, C classes."""
+
+    count: torch.Tensor  # [K, C] images that probe k used from class c
+    sqnorm_sum: torch.Tensor  # [K, C] sum of ||psi||^2 (exact bandwidth diagnostics)
+    emb_sum: torch.Tensor | None  # [K, C, D]
+    rff_sum: torch.Tensor | None  # [K, C, R]
+    att_sum: list[torch.Tensor]  # per block l < L: [K, C, A_l]
+    seen: torch.Tensor  # [C] good images per class
+    rejected: dict[str, dict[str, int]] = field(default_factory=dict)  # shard -> reason -> n
+    pool_hash: np.ndarray = None  # uint64 [C, P], EMPTY_HASH where empty
+    pool_images: torch.Tensor = None  # uint8 [C, P, H, W, ch]
+    pool_keys: list[list[str]] = None  # [C][P]
+
+    @staticmethod
+    def zeros(bank: ProbeBank, init_pool: int) -> ClassStats:
+        s = bank.spec
+        K, C = s.probes, s.num_classes
+        f64 = dict(dtype=torch.float64, device=bank.device)
+        return ClassStats(
+            count=torch.zeros(K, C, **f64),
+            sqnorm_sum=torch.zeros(K, C, **f64),
+            emb_sum=torch.zeros(K, C, bank.embed_dim, **f64) if "emb" in s.statistics else None,
+            rff_sum=torch.zeros(K, C, s.rff_dim, **f64) if "rff" in s.statistics else None,
+            att_sum=[torch.zeros(K, C, a, **f64) for a in attention_dims(s.resolution, s.depth)]
+            if "att" in s.statistics
+            else [],
+            seen=torch.zeros(C, dtype=torch.int64),
+            pool_hash=np.full((C, init_pool), EMPTY_HASH, dtype=np.uint64),
+            pool_images=torch.zeros(
+                C, init_pool, s.resolution, s.resolution, s.channels, dtype=torch.uint8
+            ),
+            pool_keys=[[""] * init_pool for _ in range(C)],
+        )
+
+    # -- merging ----------------------------------------------------------------------------
+    def __add__(self, other: ClassStats) -> ClassStats:
+        out = ClassStats(
+            count=self.count + other.count.to(self.count.device),
+            sqnorm_sum=self.sqnorm_sum + other.sqnorm_sum.to(self.count.device),
+            emb_sum=_add(self.emb_sum, other.emb_sum),
+            rff_sum=_add(self.rff_sum, other.rff_sum),
+            att_sum=[_add(a, b) for a, b in zip(self.att_sum, other.att_sum)],
+            seen=self.seen + other.seen,
+            rejected=_merge_counts(self.rejected, other.rejected),
+            pool_hash=self.pool_hash.copy(),
+            pool_images=self.pool_images.clone(),
+            pool_keys=[list(k) for k in self.pool_keys],
+        )
+        for c in range(len(out.pool_keys)):
+            out._offer(c, other.pool_hash[c], other.pool_images[c], other.pool_keys[c])
+        return out
+
+    def _offer(self, c: int, hashes: np.ndarray, images: torch.Tensor, keys: list[str]) -> None:
+        """Keep the P smallest hashes of class c among what it holds and the candidates."""
+        all_hash = np.concatenate([self.pool_hash[c], hashes])
+        order = np.argsort(all_hash, kind="stable")[: self.pool_hash.shape[1]]
+        all_images = torch.cat([self.pool_images[c], images])
+        all_keys = self.pool_keys[c] + list(keys)
+        self.pool_hash[c] = all_hash[order]
+        self.pool_images[c] = all_images[torch.from_numpy(order)]
+        self.pool_keys[c] = [all_keys[i] for i in order]
+
+    # -- reading ----------------------------------------------------------------------------
+    def pool(self, c: int) -> tuple[torch.Tensor, list[str]]:
+        """Class c's pool images, smallest hash first: (uint8 [n, H, W, ch], keys)."""
+        n = int((self.pool_hash[c] != EMPTY_HASH).sum())
+        return self.pool_images[c, :n], self.pool_keys[c][:n]
+
+    def select(self, classes: list[int]) -> ClassStats:
+        """The statistics of a subset of classes, in the given order."""
+        idx = torch.tensor(classes)
+
+        def pick(t):
+            return None if t is None else t[:, idx.to(t.device)]
+
+        return ClassStats(
+            count=pick(self.count),
+            sqnorm_sum=pick(self.sqnorm_sum),
+            emb_sum=pick(self.emb_sum),
+            rff_sum=pick(self.rff_sum),
+            att_sum=[pick(a) for a in self.att_sum],
+            seen=self.seen[idx],
+            rejected=self.rejected,
+            pool_hash=self.pool_hash[classes],
+            pool_images=self.pool_images[idx],
+            pool_keys=[self.pool_keys[c] for c in classes],
+        )
+
+    def exact_bandwidth(self) -> torch.Tensor:
+        """Mean pairwise squared distance per (probe, class) from the sums: [K, C]."""
+        n = self.count
+        s1 = (self.emb_sum * self.emb_sum).sum(-1)
+        return (2 * n * self.sqnorm_sum - 2 * s1) / (n * (n - 1)).clamp(min=1)
+
+    # -- storage ----------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        tensors = {"count": self.count, "sqnorm_sum": self.sqnorm_sum, "seen": self.seen}
+        if self.emb_sum is not None:
+            tensors["emb_sum"] = self.emb_sum
+        if self.rff_sum is not None:
+            tensors["rff_sum"] = self.rff_sum
+        for i, a in enumerate(self.att_sum):
+            tensors[f"att_sum_{i}"] = a
+        tensors["pool_hash"] = torch.from_numpy(self.pool_hash.view(np.int64).copy())
+        tensors["pool_images"] = self.pool_images
+        meta = {"rejected": self.rejected, "pool_keys": self.pool_keys}
+        tensors["meta_json"] = torch.frombuffer(
+            bytearray(json.dumps(meta).encode()), dtype=torch.uint8
+        )
+        return st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+    @staticmethod
+    def from_bytes(data: bytes, device: str | torch.device = "cpu") -> ClassStats:
+        t = st_load(data)
+        meta = json.loads(bytes(t["meta_json"].numpy()).decode())
+        atts = sorted((k for k in t if k.startswith("att_sum_")), key=lambda k: int(k[8:]))
+        dev = torch.device(device)
+        return ClassStats(
+            count=t["count"].to(dev),
+            sqnorm_sum=t["sqnorm_sum"].to(dev),
+            emb_sum=t["emb_sum"].to(dev) if "emb_sum" in t else None,
+            rff_sum=t["rff_sum"].to(dev) if "rff_sum" in t else None,
+            att_sum=[t[k].to(dev) for k in atts],
+            seen=t["seen"],
+            rejected=meta["rejected"],
+            pool_hash=t["pool_hash"].numpy().view(np.uint64).copy(),
+            pool_images=t["pool_images"],
+            pool_keys=meta["pool_keys"],
+        )
+
+    def save(self, location: str) -> None:
+        storage.write_bytes(location, self.to_bytes())
+
+    @staticmethod
+    def load(location: str, device: str | torch.device = "cpu") -> ClassStats:
+        return ClassStats.from_bytes(storage.read_bytes(location), device)
+
+
+def _add(a, b):
+    return None if a is None else a + b.to(a.device)
+
+
+def _merge_counts(a: dict, b: dict) -> dict:
+    out = {k: dict(v) for k, v in a.items()}
+    for shard, reasons in b.items():
+        for reason, n in reasons.items():
+            out.setdefault(shard, {})[reason] = out.get(shard, {}).get(reason, 0) + n
+    return out
+
+
+def pool_hashes(keys: list[str], seed: int) -> np.ndarray:
+    """The hash that orders the init pool and the bandwidth pilot (independent of membership)."""
+    return key_hashes(keys, derive_seed(seed, "pool"))
+
+
+def accumulate(
+    stats: ClassStats,
+    bank: ProbeBank,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    keys: list[str],
+    class_counts: np.ndarray,
+    bandwidths: torch.Tensor | None = None,
+    attention_power: float = 1.0,
+) -> int:
+    """Add a batch of good real images to `stats`; returns the number of probe forwards.
+
+    images uint8 [n, H, W, ch]; labels int [n]; class_counts [C] (n_c, for the subsampling rule);
+    bandwidths [K, C] (M3D only). Each image is normalised once and forwarded through every probe
+    it belongs to, the batch grouped by probe.
+    """
+    spec = bank.spec
+    member = bank.membership(key_hashes(keys, spec.seed), labels, class_counts)
+    x = bank.normalize(images)
+    lab = torch.from_numpy(labels.astype(np.int64))
+    forwards = 0
+    for k in np.nonzero(member.any(0))[0].tolist():
+        idx = torch.from_numpy(np.nonzero(member[:, k])[0])
+        lk = lab[idx]
+        lk_dev = lk.to(bank.device)
+        with torch.no_grad():
+            emb, acts = bank.network(k).activations(bank.augment(k, x[idx.to(bank.device)], lk))
+        forwards += len(idx)
+        emb64 = emb.double()
+        stats.count[k].index_add_(0, lk_dev, torch.ones_like(emb64[:, 0]))
+        stats.sqnorm_sum[k].index_add_(0, lk_dev, (emb64 * emb64).sum(1))
+        if stats.emb_sum is not None:
+            stats.emb_sum[k].index_add_(0, lk_dev, emb64)
+        if stats.rff_sum is not None:
+            phi = bank.rff(k, emb, bandwidths[k].to(bank.device)[lk_dev].float())
+            stats.rff_sum[k].index_add_(0, lk_dev, phi.double())
+        for a_sum, act in zip(stats.att_sum, acts):
+            stats_att = attention_map(act, attention_power).double()
+            a_sum[k].index_add_(0, lk_dev, stats_att)
+    stats.seen += torch.bincount(lab, minlength=len(stats.seen))
+    hashes = pool_hashes(keys, spec.seed)
+    for c in np.unique(labels).tolist():
+        rows = np.nonzero(labels == c)[0]
+        stats._offer(c, hashes[rows], images[torch.from_numpy(rows)].cpu(), [keys[i] for i in rows])
+    return forwards

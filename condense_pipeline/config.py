@@ -1,0 +1,140 @@
+"""Frozen settings for every stage, built by the CLI or the API and validated here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+
+from condense_pipeline.datasets import METHODS, Profile
+from condense_pipeline.errors import UserError
+
+
+@dataclass(frozen=True)
+class MethodPreset:
+    lr: float
+    lr_pixel_space: bool  # M3D's lr is for [0, 1] pixels: converted per channel by 1 / std^2
+    factor: int
+    init: str
+
+
+# Image learning rates and parameterisation from the papers' code (methods.md sections 2-4).
+PRESETS = {
+    "dm": MethodPreset(lr=1.0, lr_pixel_space=False, factor=1, init="real"),
+    "m3d": MethodPreset(lr=10.0, lr_pixel_space=True, factor=2, init="mix"),
+    "datadam": MethodPreset(lr=1.0, lr_pixel_space=False, factor=1, init="real"),
+}
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return method
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """The statistics pass. `methods`: which methods' statistics to compute."""
+
+    methods: tuple[str, ...]
+    probes: int
+    real_per_probe: int | None
+    rff_dim: int
+    init_pool: int
+    seed: int = 0
+    attention_power: float = 1.0
+    pilot_per_class: int = 32
+    workers: int | None = None  # None: one per GPU, or CPUs minus one for reading
+    shards_per_unit: int = 8
+    batch_size: int = 512
+    max_bad_fraction: float = 0.01
+    stall_timeout_s: float = 600.0
+
+    def __post_init__(self):
+        for m in self.methods:
+            check_method(m)
+        if self.probes < 1:
+            raise UserError("--probes must be at least 1")
+        if self.real_per_probe is not None and self.real_per_probe < 1:
+            raise UserError("--real-per-probe must be a positive number or 'all'")
+
+
+@dataclass(frozen=True)
+class CondenseConfig:
+    """One condensation. Everything here names its output folder, so reruns resume it."""
+
+    method: str
+    ipc: int
+    steps: int
+    lr: float
+    factor: int
+    init: str
+    iters_per_probe: int
+    seed: int = 0
+    targets: str = "bank"  # or "online": the papers' fresh network and real batch per step
+    batch_real: int = 256
+    attention_weight: float = 100.0
+    embedding_weight: float = 1.0
+    momentum: float = 0.5
+    classes: tuple[int, ...] | None = None  # None: every class
+    groups: int | None = None  # None: one group per worker
+
+    def __post_init__(self):
+        check_method(self.method)
+        if self.ipc < 1:
+            raise UserError("--ipc must be at least 1")
+        if self.init not in ("real", "noise", "mix"):
+            raise UserError(f"--init must be real, noise or mix, got {self.init!r}")
+        if self.targets not in ("bank", "online"):
+            raise UserError(f"--targets must be bank or online, got {self.targets!r}")
+        if self.factor < 1:
+            raise UserError("--factor must be at least 1")
+
+    @property
+    def preset(self) -> MethodPreset:
+        return PRESETS[self.method]
+
+    def folder_name(self) -> str:
+        """Per-config folder: settings that change the images are hashed; grouping is not."""
+        fields = asdict(self)
+        fields.pop("groups")
+        digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
+        return f"ipc{self.ipc}-{self.method}-{digest}"
+
+
+def condense_config(profile: Profile, method: str, ipc: int, **overrides) -> CondenseConfig:
+    """A CondenseConfig with the method preset and profile defaults; None overrides are ignored."""
+    check_method(method)
+    preset = PRESETS[method]
+    cfg = CondenseConfig(
+        method=method,
+        ipc=ipc,
+        steps=profile.steps_for(method),
+        lr=preset.lr,
+        factor=preset.factor,
+        init=preset.init,
+        iters_per_probe=profile.iters_per_probe_for(method),
+    )
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "factor" in given and "init" not in given and given["factor"] == 1 and cfg.init == "mix":
+        given["init"] = "real"  # mix only makes sense with a factor above 1
+    if profile.resolution % given.get("factor", cfg.factor):
+        raise UserError(f"--factor must divide the resolution {profile.resolution}")
+    return replace(cfg, **given)
+
+
+def stats_config(profile: Profile, methods: tuple[str, ...], **overrides) -> StatsConfig:
+    """A StatsConfig with the profile's defaults; None overrides are ignored, and
+    real_per_probe="all" means every image under every probe."""
+    if overrides.get("real_per_probe") == "all":
+        overrides = {**overrides, "real_per_probe": None, "_all": True}
+    use_all = overrides.pop("_all", False)
+    cfg = StatsConfig(
+        methods=methods,
+        probes=profile.probes,
+        real_per_probe=profile.real_per_probe,
+        rff_dim=profile.rff_dim,
+        init_pool=40,
+    )
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    return replace(cfg, real_per_probe=None) if use_all else cfg

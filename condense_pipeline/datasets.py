@@ -1,0 +1,208 @@
+"""Dataset profiles: what a dataset looks like and the defaults that go with it (DESIGN.md 10a)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from condense_pipeline.errors import UserError
+
+METHODS = ("dm", "m3d", "datadam")
+
+# DSA ops for matching and evaluation; digit datasets drop flip (a flipped 2 is not a 2).
+AUGMENT_ALL = ("color", "crop", "cutout", "flip", "scale", "rotate")
+AUGMENT_DIGITS = ("color", "crop", "cutout", "scale", "rotate")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A dataset profile. `steps` and `iters_per_probe` are per method, in METHODS order."""
+
+    name: str
+    num_classes: int
+    channels: int
+    resolution: int
+    native_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    depth: int
+    augment: tuple[str, ...]
+    probes: int
+    real_per_probe: int | None  # None = every image under every probe
+    rff_dim: int
+    steps: tuple[int, int, int]
+    iters_per_probe: tuple[int, int, int]
+    eval_epochs: int
+    description: str
+    # m3d unless measured otherwise (DESIGN.md 10a says m3d where it fits); digits: dm, because at
+    # 8 px M3D's factor 2 leaves 4 px patches and scored below the random-real baseline.
+    default_method: str = "m3d"
+
+    def steps_for(self, method: str) -> int:
+        return self.steps[METHODS.index(method)]
+
+    def iters_per_probe_for(self, method: str) -> int:
+        return self.iters_per_probe[METHODS.index(method)]
+
+    def with_resolution(self, resolution: int) -> Profile:
+        """The same dataset at another square resolution (ImageNet 64 or 128 px)."""
+        if resolution == self.resolution:
+            return self
+        if resolution not in DEPTH_BY_RESOLUTION:
+            sizes = ", ".join(str(r) for r in DEPTH_BY_RESOLUTION)
+            raise UserError(f"resolution {resolution} is not supported; choose one of {sizes}")
+        return dataclasses.replace(
+            self, resolution=resolution, depth=DEPTH_BY_RESOLUTION[resolution]
+        )
+
+
+# ConvNet depth by input resolution: the last pool leaves 4x4 (2x2 at 8 px).
+DEPTH_BY_RESOLUTION = {8: 2, 28: 3, 32: 3, 64: 4, 128: 5}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_STEPS = (20000, 10000, 8000)
+_IPP = (1, 5, 1)
+
+
+def _small(name, classes, channels, px, mean, std, augment, description):
+    return Profile(
+        name=name,
+        num_classes=classes,
+        channels=channels,
+        resolution=px,
+        native_size=px,
+        mean=mean,
+        std=std,
+        depth=DEPTH_BY_RESOLUTION[px],
+        augment=augment,
+        probes=1000,
+        real_per_probe=32,
+        rff_dim=5120,
+        steps=_STEPS,
+        iters_per_probe=_IPP,
+        eval_epochs=1000,
+        description=description,
+    )
+
+
+PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in [
+        Profile(
+            name="digits",
+            num_classes=10,
+            channels=1,
+            resolution=8,
+            native_size=8,
+            # measured on scikit-learn's digits, pixels scaled to [0, 1]
+            mean=(0.3053,),
+            std=(0.3759,),
+            depth=2,
+            augment=AUGMENT_DIGITS,
+            probes=200,
+            real_per_probe=None,
+            rff_dim=2560,
+            steps=(1000, 1000, 1000),
+            iters_per_probe=_IPP,
+            eval_epochs=300,
+            description="scikit-learn's bundled 8x8 digits (1,797 images); the offline demo",
+            default_method="dm",
+        ),
+        _small("mnist", 10, 1, 28, (0.1307,), (0.3081,), AUGMENT_DIGITS, "MNIST, 28 px"),
+        _small(
+            "fashion-mnist", 10, 1, 28, (0.2861,), (0.3530,), AUGMENT_DIGITS, "FashionMNIST, 28 px"
+        ),
+        _small(
+            "cifar10",
+            10,
+            3,
+            32,
+            (0.4914, 0.4822, 0.4465),
+            (0.2023, 0.1994, 0.2010),
+            AUGMENT_ALL,
+            "CIFAR-10, 32 px",
+        ),
+        _small(
+            "cifar100",
+            100,
+            3,
+            32,
+            (0.5071, 0.4866, 0.4409),
+            (0.2673, 0.2564, 0.2762),
+            AUGMENT_ALL,
+            "CIFAR-100, 32 px",
+        ),
+        _small(
+            "svhn",
+            10,
+            3,
+            32,
+            (0.4377, 0.4438, 0.4728),
+            (0.1980, 0.2010, 0.1970),
+            AUGMENT_DIGITS,
+            "SVHN, 32 px",
+        ),
+        Profile(
+            name="tinyimagenet",
+            num_classes=200,
+            channels=3,
+            resolution=64,
+            native_size=64,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            depth=4,
+            augment=AUGMENT_ALL,
+            probes=100,
+            real_per_probe=256,
+            rff_dim=5120,
+            steps=_STEPS,
+            iters_per_probe=_IPP,
+            eval_epochs=1000,
+            description="TinyImageNet, 200 classes, 64 px",
+        ),
+        Profile(
+            name="imagenet",
+            num_classes=1000,
+            channels=3,
+            resolution=64,
+            native_size=0,  # variable: every image is squashed to the resolution
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            depth=4,
+            augment=AUGMENT_ALL,
+            probes=100,
+            real_per_probe=256,
+            rff_dim=5120,
+            steps=_STEPS,
+            iters_per_probe=_IPP,
+            eval_epochs=1000,
+            description="ImageNet-1K, squashed to 64 px (128 px with --resolution 128)",
+        ),
+    ]
+}
+
+
+def get_profile(name: str, resolution: int | None = None) -> Profile:
+    """The profile called `name`, optionally at another resolution."""
+    try:
+        profile = PROFILES[name]
+    except KeyError:
+        known = ", ".join(PROFILES)
+        raise UserError(
+            f"unknown dataset {name!r}; known datasets: {known} (see `condense-pipeline datasets`)"
+        ) from None
+    return profile if resolution is None else profile.with_resolution(resolution)
+
+
+DATA_HOME_ENV = "CONDENSE_PIPELINE_DATA"
+
+
+def data_home(name: str) -> str:
+    """Where `prepare` puts a dataset without --out, and where the other commands look for it."""
+    import os
+
+    root = os.environ.get(DATA_HOME_ENV) or os.path.join(
+        os.path.expanduser("~"), ".cache", "condense-pipeline"
+    )
+    return os.path.join(root, name)

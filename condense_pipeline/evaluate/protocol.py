@@ -1,0 +1,290 @@
+"""The common evaluation protocol (DESIGN.md 6): train a fresh network on a small set, test on real.
+
+It is DM's `evaluate_synset`: SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256,
+cross-entropy, DSA on every mini-batch with per-sample parameters, lr x0.1 at half. The final
+network is tested; no checkpoint is ever chosen on the test set. Two small departures from the DM
+code: it trains `epochs` epochs where DM runs epochs + 1, and drops the lr at epoch `epochs // 2`
+where DM drops after epoch `epochs // 2 + 1`.
+
+The same protocol on a random subset of real images with the same IPC is the baseline a condensed
+set has to beat.
+
+Tensors are images in the profile's normalised space [n, C, H, W] float32 and labels [n] int64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from condense_pipeline import formats, storage
+from condense_pipeline.condense.augment import augment_batch
+from condense_pipeline.condense.networks import MODELS, build_model
+from condense_pipeline.datasets import Profile
+from condense_pipeline.errors import UserError
+from condense_pipeline.evaluate.loader import load_condensed
+
+log = logging.getLogger(__name__)
+
+LR_DROP = 0.1
+TEST_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings of the evaluation protocol; the defaults are DM's (DESIGN.md 6)."""
+
+    model: str = "convnet"
+    epochs: int = 1000
+    runs: int = 5
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"  # "auto": CUDA when there is one, else the CPU
+
+    def __post_init__(self):
+        for name in ("epochs", "runs", "batch_size"):
+            value = getattr(self, name)
+            if value < 1:
+                raise UserError(f"evaluation {name} must be at least 1, not {value}")
+        if self.model not in MODELS:
+            raise UserError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+
+
+def recipe(cfg: EvalConfig, strategy: tuple[str, ...] | list[str]) -> dict:
+    """The training recipe in words and numbers, for an export's manifest and the report."""
+    return {
+        "model": cfg.model,
+        "optimizer": "sgd",
+        "lr": cfg.lr,
+        "momentum": cfg.momentum,
+        "weight_decay": cfg.weight_decay,
+        "batch_size": cfg.batch_size,
+        "epochs": cfg.epochs,
+        "lr_schedule": f"x{LR_DROP} at epoch {cfg.epochs // 2}",
+        "loss": "cross_entropy",
+        "augment": "dsa, one op per mini-batch, parameters per sample",
+        "augment_strategy": list(strategy),
+        "checkpoint": "final (never selected on the test set)",
+    }
+
+
+def _device(cfg: EvalConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _sgd(model: nn.Module, lr: float, cfg: EvalConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+
+
+def _check_images(x: torch.Tensor, profile: Profile, what: str) -> None:
+    expected = (profile.channels, profile.resolution, profile.resolution)
+    if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+        raise UserError(
+            f"{what} images have shape {tuple(x.shape)}, but profile {profile.name!r} expects "
+            f"[n, {expected[0]}, {expected[1]}, {expected[2]}]; evaluate with the profile the set "
+            "was made for"
+        )
+
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    strategy: tuple[str, ...] | list[str],
+    cfg: EvalConfig,
+    generator: torch.Generator,
+) -> None:
+    """Train `model` in place on (x, y), already on the model's device, for cfg.epochs."""
+    optimizer = _sgd(model, cfg.lr, cfg)
+    model.train()
+    for epoch in range(cfg.epochs):
+        if epoch == cfg.epochs // 2 and epoch > 0:
+            # DM re-creates the optimiser at the drop, which also clears the momentum buffers.
+            optimizer = _sgd(model, cfg.lr * LR_DROP, cfg)
+        order = torch.randperm(len(x), generator=generator).to(x.device)
+        for start in range(0, len(x), cfg.batch_size):
+            batch = order[start : start + cfg.batch_size]
+            with torch.no_grad():  # the images are data here, not parameters
+                xb = augment_batch(x[batch], strategy, generator)
+            loss = F.cross_entropy(model(xb), y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+
+@torch.no_grad()
+def test_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Accuracy in percent of `model` on all of (x, y), in batches on the model's device."""
+    device = next(model.parameters()).device
+    model.eval()
+    correct = 0
+    for start in range(0, len(x), TEST_BATCH):
+        xb = x[start : start + TEST_BATCH].to(device)
+        yb = y[start : start + TEST_BATCH].to(device)
+        correct += int((model(xb).argmax(1) == yb).sum())
+    return 100.0 * correct / len(x)
+
+
+def train_and_test(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    profile: Profile,
+    num_classes: int,
+    cfg: EvalConfig,
+    run_seed: int,
+) -> float:
+    """Train a fresh cfg.model on (train_x, train_y) and return its test accuracy in percent.
+
+    `run_seed` fixes the initial weights, the shuffling and the DSA draws.
+    """
+    _check_images(train_x, profile, "training")
+    _check_images(test_x, profile, "test")
+    device = _device(cfg)
+    # The weights come from the global RNG; a forked RNG seeds them without disturbing the caller.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run_seed)
+        model = build_model(cfg.model, profile.channels, profile.resolution, num_classes)
+    model.to(device)
+    # DSA and shuffling draw on the CPU from their own generator, so a seed means the same run
+    # on any device.
+    generator = torch.Generator().manual_seed(run_seed)
+    x = train_x.to(device=device, dtype=torch.float32)
+    y = train_y.to(device=device, dtype=torch.int64)
+    train(model, x, y, profile.augment, cfg, generator)
+    return test_accuracy(model, test_x.float(), test_y.long())
+
+
+def random_real_subset(
+    images: torch.Tensor, labels: torch.Tensor, ipc: int, num_classes: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ipc` whole real images of every class, drawn without replacement; ordered by class."""
+    generator = torch.Generator().manual_seed(seed)
+    labels_cpu = labels.cpu()
+    picks = []
+    for c in range(num_classes):
+        idx = (labels_cpu == c).nonzero().flatten()
+        if len(idx) < ipc:
+            raise UserError(
+                f"class {c} has {len(idx)} training images, fewer than the {ipc} per class the "
+                "random-real baseline needs; lower --ipc"
+            )
+        picks.append(idx[torch.randperm(len(idx), generator=generator)[:ipc]])
+    chosen = torch.cat(picks).to(labels.device)
+    return images[chosen], labels[chosen]
+
+
+def _summary(accuracies: list[float]) -> dict:
+    # np.std without ddof, as DM reports it.
+    return {
+        "mean": float(np.mean(accuracies)),
+        "std": float(np.std(accuracies)),
+        "runs": accuracies,
+    }
+
+
+def _check_manifest(manifest: dict, profile: Profile, export_dir: str) -> None:
+    expected = {
+        "channels": profile.channels,
+        "resolution": profile.resolution,
+        "mean": list(profile.mean),
+        "std": list(profile.std),
+    }
+    differ = [k for k, v in expected.items() if manifest.get(k) != v]
+    if differ:
+        raise UserError(
+            f"the export at {export_dir} differs from profile {profile.name!r} in "
+            f"{', '.join(differ)}; evaluate it with the profile it was condensed for"
+        )
+
+
+def evaluate_condensed(
+    export_dir: str,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    train_x: torch.Tensor | None,
+    train_y: torch.Tensor | None,
+    profile: Profile,
+    num_classes: int,
+    ipc: int,
+    cfg: EvalConfig,
+    progress: Callable[[str], None] | None = None,
+    report_dir: str | None = None,
+) -> dict:
+    """The protocol on the exported set and on random real subsets; returns the report.
+
+    The condensed set is read back from the exported PNGs with `load_condensed`, as a downstream
+    job would read it. Random-real run r uses its own subset (seed cfg.seed + r); pass
+    train_x=None to skip the baseline. With `report_dir` the report is written there as
+    report.json, followed by the completion marker.
+    """
+    started = time.perf_counter()
+    condensed = load_condensed(export_dir)
+    _check_manifest(condensed.manifest, profile, export_dir)
+    syn_x, syn_y = condensed.tensors()
+
+    def run_all(name: str, data: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> dict:
+        accuracies = []
+        for r in range(cfg.runs):
+            seed = cfg.seed + r
+            run_started = time.perf_counter()
+            x, y = data(seed)
+            accuracies.append(train_and_test(x, y, test_x, test_y, profile, num_classes, cfg, seed))
+            line = (
+                f"eval {name} run {r + 1}/{cfg.runs}: {accuracies[-1]:.2f}% "
+                f"({time.perf_counter() - run_started:.1f} s)"
+            )
+            log.info(line)
+            if progress is not None:
+                progress(line)
+        return _summary(accuracies)
+
+    report = {
+        "condensed": run_all("condensed", lambda seed: (syn_x, syn_y)),
+        "random_real": None,
+        "ipc": ipc,
+        "epochs": cfg.epochs,
+        "model": cfg.model,
+        "runs": cfg.runs,
+        "num_train_condensed": len(syn_y),
+        "num_test": len(test_y),
+        "float_vs_png_max_abs_diff": condensed.manifest.get("float_vs_png_max_abs_diff"),
+        "float_vs_png_max_abs_diff_pixels": condensed.manifest.get(
+            "float_vs_png_max_abs_diff_pixels"
+        ),
+        "recipe": recipe(cfg, profile.augment),
+        "config": dataclasses.asdict(cfg),
+    }
+    if train_x is not None and train_y is not None:
+        report["random_real"] = run_all(
+            "random real",
+            lambda seed: random_real_subset(train_x, train_y, ipc, num_classes, seed),
+        )
+    report["seconds"] = time.perf_counter() - started
+    log.info(
+        "condensed %.2f ± %.2f%% over %d runs (%d epochs)",
+        report["condensed"]["mean"],
+        report["condensed"]["std"],
+        cfg.runs,
+        cfg.epochs,
+    )
+    if report_dir is not None:
+        storage.write_json(storage.join(report_dir, formats.REPORT_JSON), report)
+        storage.mark_done(report_dir)
+    return report

@@ -1,0 +1,52 @@
+"""Connecting to Ray and sizing work from what the cluster has."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Join `address` (or RAY_ADDRESS), or start a local Ray when neither is given."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    ray.init(
+        address=address,
+        include_dashboard=False if address is None else None,
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+    )
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How many stats workers and condense tasks to run, and what each asks Ray for."""
+
+    workers: int
+    num_cpus: float
+    num_gpus: float
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus else "cpu"
+
+
+def plan_workers(requested: int | None = None) -> WorkerPlan:
+    """One worker per GPU where there are GPUs; otherwise one per CPU but one, so that Ray Data's
+    read and decode tasks always have a CPU (an actor pool holding every CPU deadlocks the read,
+    ray#44687)."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = int(res.get("CPU", 1)), int(res.get("GPU", 0))
+    if gpus:
+        n = min(requested or gpus, gpus)
+        return WorkerPlan(n, num_cpus=1, num_gpus=1)
+    n = max(1, min(requested or cpus - 1, cpus - 1))
+    return WorkerPlan(n, num_cpus=1, num_gpus=0)

@@ -1,0 +1,227 @@
+"""The condensation stage on Ray: one task per class group, checkpointed, resumable.
+
+Each group's task rebuilds the probe bank from bank.json, reads only its classes' statistics,
+runs the loop, and writes its images; the group's completion marker is written last. A failed
+task is retried by Ray and resumes from its last checkpoint; a rerun skips finished groups.
+Instance norm makes every sample independent, so the grouping does not change the images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from condense_pipeline import storage
+from condense_pipeline.condense.bank import NEEDS, BankSpec, ProbeBank, derive_seed
+from condense_pipeline.condense.loop import LoopState, condense_loop
+from condense_pipeline.condense.synthetic import decode_factor, initial_images, needed_pool
+from condense_pipeline.condense.targets import BankTargets, OnlineTargets
+from condense_pipeline.config import CondenseConfig
+from condense_pipeline.errors import UserError
+from condense_pipeline.formats import BANK_JSON, CONDENSE_DIR, ERROR, IMAGE, LABEL
+from condense_pipeline.pipeline import read
+from condense_pipeline.pipeline.cluster import ensure_ray, plan_workers
+from condense_pipeline.pipeline.stats import load_bandwidths, load_stats, stats_dir
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.safetensors"
+RESULT = "images.safetensors"
+
+
+def condense_dir(run_dir: str, cfg: CondenseConfig) -> str:
+    return storage.join(run_dir, CONDENSE_DIR, cfg.folder_name())
+
+
+def read_bank(run_dir: str) -> dict:
+    folder = stats_dir(run_dir)
+    if not storage.is_done(folder):
+        raise UserError(
+            f"no finished statistics in {folder}; run `condense-pipeline stats` (or `run`) first"
+        )
+    return storage.read_json(storage.join(folder, BANK_JSON))
+
+
+def check_stats_serve(bank_json: dict, cfg: CondenseConfig, summary: dict) -> None:
+    """Refuse statistics that lack what the method needs, or an init pool too small."""
+    spec = BankSpec.from_json(bank_json["spec"])
+    missing = [s for s in NEEDS[cfg.method] if s not in spec.statistics]
+    if missing and cfg.targets == "bank":
+        raise UserError(
+            f"the statistics were computed for {', '.join(spec.statistics)} and lack what "
+            f"{cfg.method} needs ({', '.join(missing)}); rerun stats with --method {cfg.method} "
+            "or --method all"
+        )
+    need = needed_pool(cfg.ipc, cfg.factor, cfg.init)
+    pool = bank_json["init_pool"]
+    classes = cfg.classes or range(spec.num_classes)
+    for c in classes:
+        have = min(pool, summary["class_images"][c])
+        if have < need:
+            raise UserError(
+                f"class {c} has {have} initial images but --init {cfg.init} at IPC {cfg.ipc} "
+                f"(factor {cfg.factor}) needs {need}: rerun stats with --init-pool {need} or more"
+            )
+
+
+def split_groups(classes: list[int], groups: int) -> list[list[int]]:
+    size = math.ceil(len(classes) / groups)
+    return [classes[i : i + size] for i in range(0, len(classes), size)]
+
+
+@dataclass
+class CondenseResult:
+    folder: str
+    images: torch.Tensor  # stored images [n_classes * ipc, C, H, W], ordered by class
+    labels: torch.Tensor  # [n_classes * ipc]
+    history: list[dict]  # loss log rows with their group
+    groups_run: int
+    groups_skipped: int
+
+
+def run_condense(
+    run_dir: str, cfg: CondenseConfig, *, address: str | None = None, progress=None
+) -> CondenseResult:
+    """Condense every group not yet finished; return the whole set."""
+    import ray
+
+    say = progress or (lambda line: None)
+    bank_json = read_bank(run_dir)
+    summary = storage.read_json(storage.join(stats_dir(run_dir), storage.DONE))
+    check_stats_serve(bank_json, cfg, summary)
+    spec = BankSpec.from_json(bank_json["spec"])
+    classes = list(cfg.classes or range(spec.num_classes))
+    folder = condense_dir(run_dir, cfg)
+    storage.write_json(storage.join(folder, "config.json"), asdict(cfg))
+    ensure_ray(address)
+    plan = plan_workers()
+    groups = split_groups(classes, cfg.groups or plan.workers)
+    gpu_share = (
+        plan.num_gpus / max(1, math.ceil(len(groups) / plan.workers)) if plan.num_gpus else 0
+    )
+    task = ray.remote(num_cpus=plan.num_cpus, num_gpus=gpu_share, max_retries=2)(condense_group)
+    pending = {}
+    skipped = 0
+    for g, group in enumerate(groups):
+        if storage.is_done(group_dir(folder, group)):
+            skipped += 1
+            continue
+        pending[task.remote(run_dir, cfg, group, g, plan.device)] = g
+    say(f"condensing {len(classes)} classes in {len(groups)} groups ({skipped} already done)")
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        ray.get(done[0])  # re-raises a group's failure after Ray's retries
+        say(f"group {pending.pop(done[0]) + 1}/{len(groups)} done")
+    images, labels, history = [], [], []
+    for g, group in enumerate(groups):
+        t = st_load(storage.read_bytes(storage.join(group_dir(folder, group), RESULT)))
+        images.append(t["images"])
+        labels.append(torch.tensor(group).repeat_interleave(cfg.ipc))
+        history += [{**row, "group": g} for row in _json(t["history"])]
+    return CondenseResult(
+        folder, torch.cat(images), torch.cat(labels), history, len(groups) - skipped, skipped
+    )
+
+
+def group_dir(folder: str, classes: list[int]) -> str:
+    """A group's folder is named by its classes, so a different grouping never reuses it."""
+    digest = hashlib.sha1(",".join(map(str, classes)).encode()).hexdigest()[:8]
+    return storage.join(folder, f"group-{classes[0]:05d}-{digest}")
+
+
+def _json(t: torch.Tensor):
+    return json.loads(bytes(t.numpy()).decode())
+
+
+def _json_tensor(value) -> torch.Tensor:
+    return torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
+
+
+def _save_state(location: str, state: LoopState) -> None:
+    tensors = {
+        "images": state.images.cpu().contiguous(),
+        "velocity": state.velocity.cpu().contiguous(),
+        "step": torch.tensor(state.step),
+        "history": _json_tensor(state.history),
+    }
+    storage.write_bytes(location, st_save(tensors))
+
+
+def _load_state(location: str, device) -> LoopState:
+    t = st_load(storage.read_bytes(location))
+    return LoopState(
+        int(t["step"]), t["images"].to(device), t["velocity"].to(device), _json(t["history"])
+    )
+
+
+def condense_group(
+    run_dir: str, cfg: CondenseConfig, classes: list[int], g: int, device: str = "cpu"
+) -> None:
+    """Condense one group of classes and write its images (runs as a Ray task, or in process)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    bank_json = read_bank(run_dir)
+    spec = BankSpec.from_json(bank_json["spec"])
+    bank = ProbeBank(spec, device)
+    out = group_dir(condense_dir(run_dir, cfg), classes)
+    ckpt = storage.join(out, CHECKPOINT)
+    stats = load_stats(run_dir, classes, device)
+    if storage.exists(ckpt):
+        state = _load_state(ckpt, device)
+        log.info("group %d: resuming at step %d", g, state.step)
+    else:
+        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "init", g, *classes))
+        pools = [stats.pool(i)[0] for i in range(len(classes))]
+        init = initial_images(
+            pools, classes, cfg.ipc, cfg.factor, cfg.init, bank.normalize, generator
+        ).to(device)
+        init = torch.maximum(torch.minimum(init, bank.pixel_high), bank.pixel_low)
+        state = LoopState(0, init, torch.zeros_like(init))
+    if cfg.targets == "bank":
+        targets = BankTargets(bank, stats, classes, load_bandwidths(run_dir), cfg)
+    else:
+        targets = OnlineTargets(real_images(bank_json, classes), bank, cfg)
+    lr = torch.full((1, spec.channels, 1, 1), cfg.lr, device=device)
+    if cfg.preset.lr_pixel_space:  # M3D's lr is for [0, 1] pixels: lr / std^2 per channel
+        lr = lr / torch.tensor(spec.std, device=device).view(1, -1, 1, 1) ** 2
+    state = condense_loop(
+        state,
+        targets,
+        cfg,
+        lr,
+        bank.pixel_low,
+        bank.pixel_high,
+        checkpoint=lambda s: _save_state(ckpt, s),
+        progress=lambda line: log.info("group %d: %s", g, line),
+        log_every=max(1, cfg.steps // 20),
+    )
+    result = {"images": state.images.cpu().contiguous(), "history": _json_tensor(state.history)}
+    storage.write_bytes(storage.join(out, RESULT), st_save(result))
+    storage.mark_done(out, {"classes": classes, "steps": state.step})
+    storage.delete(ckpt)
+
+
+def real_images(bank_json: dict, classes: list[int]) -> list[torch.Tensor]:
+    """Every good training image of `classes`, for the online reference mode."""
+    from condense_pipeline.datasets import get_profile
+
+    spec = BankSpec.from_json(bank_json["spec"])
+    profile = get_profile(bank_json["profile"], spec.resolution)
+    wanted = {c: [] for c in classes}
+    for row in read.iter_decoded(storage.list_shards(bank_json["data"]), profile, spec.num_classes):
+        if not row[ERROR] and row[LABEL] in wanted:
+            wanted[row[LABEL]].append(row[IMAGE])
+    return [torch.from_numpy(np.stack(wanted[c])) for c in classes]
+
+
+def decoded_set(result: CondenseResult, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training set a downstream job sees: f^2 images per stored image."""
+    f2 = factor * factor
+    return decode_factor(result.images, factor), result.labels.repeat_interleave(f2)

@@ -1,0 +1,344 @@
+"""Export a condensed set for downstream training (DESIGN.md 9).
+
+An export folder holds:
+  wds/condensed-000000.tar ...      members png (8-bit), cls (label as text), json (class name,
+                                    label, index, provenance)
+  parquet/condensed-000000.parquet  columns formats.PARQUET_COLUMNS; the float tensors too
+  preview.png                       one row per class
+  loss.png                          the condensation loss curve (when there is a loss log)
+  manifest.json                     normalisation, classes, evaluation recipe, provenance, and how
+                                    far the float tensors are from their PNGs
+  _DONE                             written last; readers trust only finished exports
+
+The PNGs are what gets shared and evaluated. Storing them rounds every pixel to 1/255 and clamps
+it to [0, 1]; DM does not clamp its synthetic images, so the manifest says how much that changed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image, ImageDraw
+from webdataset import TarWriter
+
+from condense_pipeline import formats, storage
+from condense_pipeline.datasets import Profile
+from condense_pipeline.evaluate.protocol import EvalConfig, recipe
+
+log = logging.getLogger(__name__)
+
+PREVIEW_CLASSES = 20
+PREVIEW_PER_CLASS = 10
+PREVIEW_MIN_CELL = 32  # px; 8 px digits are upscaled (nearest) to be visible
+PREVIEW_LABEL_WIDTH = 90  # px of class name left of each row
+# Line colours for the loss plot's groups (matplotlib's tab10).
+COLOURS = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+]
+
+
+def _stats(profile: Profile) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(profile.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(profile.std, dtype=torch.float32).view(1, -1, 1, 1)
+    return mean, std
+
+
+def to_pixels(images: torch.Tensor, profile: Profile) -> torch.Tensor:
+    """Normalised float [n, C, H, W] -> uint8 [n, C, H, W]: de-normalised, clamped, rounded."""
+    mean, std = _stats(profile)
+    return ((images * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def png_error(images: torch.Tensor, pixels: torch.Tensor, profile: Profile) -> dict:
+    """How far the PNGs are from the float tensors: max |difference|, normalised and pixel units.
+
+    Pixel units are fractions of the full range (1/255 is one 8-bit level); rounding alone gives at
+    most 0.5/255, anything more is clamping.
+    """
+    mean, std = _stats(profile)
+    exact = images * std + mean  # [0, 1] pixel space, unclamped
+    stored = pixels.float() / 255
+    return {
+        "float_vs_png_max_abs_diff": float((images - (stored - mean) / std).abs().max()),
+        "float_vs_png_max_abs_diff_pixels": float((exact - stored).abs().max()),
+        "clamped_fraction": float(((exact < 0) | (exact > 1)).float().mean()),
+    }
+
+
+def encode_png(pixels: torch.Tensor) -> bytes:
+    """uint8 [C, H, W], C in {1, 3} -> PNG bytes (grey or RGB)."""
+    return storage.buffer_to_bytes(lambda f: _pil(pixels).save(f, format="PNG"))
+
+
+def _pil(pixels: torch.Tensor) -> Image.Image:
+    array = pixels.permute(1, 2, 0).numpy()
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+
+def sample_keys(labels: torch.Tensor) -> list[str]:
+    """Keys label-i ("00003-00007"), i counting the images of that label in order; unique."""
+    seen: dict[int, int] = {}
+    keys = []
+    for label in labels.tolist():
+        keys.append(f"{label:05d}-{seen.get(label, 0):05d}")
+        seen[label] = seen.get(label, 0) + 1
+    return keys
+
+
+def shard_name(index: int, suffix: str) -> str:
+    return f"{formats.EXPORT_SHARD_PREFIX}-{index:06d}.{suffix}"
+
+
+def write_wds_shards(
+    out_dir: str,
+    keys: list[str],
+    pngs: list[bytes],
+    labels: list[int],
+    class_names: list[str],
+    provenance: dict,
+    shard_size: int,
+) -> list[str]:
+    """Write wds/condensed-NNNNNN.tar files of `shard_size` samples; returns their names."""
+    names = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for shard, start in enumerate(range(0, len(keys), shard_size)):
+            name = shard_name(shard, "tar")
+            local = os.path.join(tmp, name)
+            # A fixed mtime makes a rerun write byte-identical tars.
+            with TarWriter(local, mtime=0) as writer:
+                for i in range(start, min(start + shard_size, len(keys))):
+                    meta = {
+                        **provenance,
+                        "class_name": class_names[labels[i]],
+                        "label": labels[i],
+                        "index": i,
+                    }
+                    writer.write(
+                        {
+                            "__key__": keys[i],
+                            "png": pngs[i],
+                            "cls": str(labels[i]).encode(),
+                            "json": json.dumps(meta, sort_keys=True).encode(),
+                        }
+                    )
+            storage.upload_file(local, storage.join(out_dir, formats.EXPORT_WDS_DIR, name))
+            names.append(name)
+    return names
+
+
+def parquet_schema(shape: tuple[int, int, int]) -> pa.Schema:
+    """The export's Parquet schema; the tensor's [C, H, W] is in the schema metadata."""
+    types = (pa.string(), pa.int64(), pa.string(), pa.binary(), pa.list_(pa.float32()))
+    return pa.schema(
+        list(zip(formats.PARQUET_COLUMNS, types, strict=True)),
+        metadata={formats.TENSOR_SHAPE_METADATA: json.dumps(list(shape))},
+    )
+
+
+def write_parquet_shards(
+    out_dir: str,
+    keys: list[str],
+    labels: list[int],
+    class_names: list[str],
+    pngs: list[bytes],
+    images: torch.Tensor,
+    shard_size: int,
+) -> list[str]:
+    """Write parquet/condensed-NNNNNN.parquet files of `shard_size` rows; returns their names."""
+    schema = parquet_schema(tuple(images.shape[1:]))
+    flat = images.flatten(1).numpy()  # float32 already: a view, not a copy
+    names = []
+    for shard, start in enumerate(range(0, len(keys), shard_size)):
+        rows = slice(start, min(start + shard_size, len(keys)))
+        chunk = flat[rows]
+        offsets = np.arange(0, chunk.size + 1, chunk.shape[1], dtype=np.int32)
+        tensor = pa.ListArray.from_arrays(offsets, pa.array(chunk.reshape(-1)))
+        columns = [
+            pa.array(keys[rows], pa.string()),
+            pa.array(labels[rows], pa.int64()),
+            pa.array([class_names[label] for label in labels[rows]], pa.string()),
+            pa.array(pngs[rows], pa.binary()),
+            tensor,
+        ]
+        table = pa.Table.from_arrays(columns, schema=schema)
+        name = shard_name(shard, "parquet")
+        data = storage.buffer_to_bytes(lambda f, t=table: pq.write_table(t, f))
+        storage.write_bytes(storage.join(out_dir, formats.EXPORT_PARQUET_DIR, name), data)
+        names.append(name)
+    return names
+
+
+def preview_png(pixels: torch.Tensor, labels: list[int], class_names: list[str]) -> bytes:
+    """A grid: a row per class (up to 20), up to 10 images each, upscaled (nearest) to >= 32 px."""
+    classes = sorted(set(labels))[:PREVIEW_CLASSES]
+    res = pixels.shape[-1]
+    cell = res * max(1, math.ceil(PREVIEW_MIN_CELL / res))
+    pad = 2
+    width = PREVIEW_LABEL_WIDTH + PREVIEW_PER_CLASS * (cell + pad) + pad
+    height = max(1, len(classes)) * (cell + pad) + pad
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for row, label in enumerate(classes):
+        top = pad + row * (cell + pad)
+        draw.text((4, top + cell // 2 - 5), class_names[label][:14], fill=(0, 0, 0))
+        members = [i for i, y in enumerate(labels) if y == label][:PREVIEW_PER_CLASS]
+        for col, i in enumerate(members):
+            image = _pil(pixels[i]).convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)
+            canvas.paste(image, (PREVIEW_LABEL_WIDTH + pad + col * (cell + pad), top))
+    return storage.buffer_to_bytes(lambda f: canvas.save(f, format="PNG"))
+
+
+def _curves(loss_log: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for row in loss_log:
+        loss = float(row["loss"])
+        if math.isfinite(loss):
+            curves.setdefault(str(row.get("group", "")), []).append((float(row["step"]), loss))
+    return curves
+
+
+def loss_png(loss_log: list[dict], width: int = 640, height: int = 400) -> bytes | None:
+    """A line plot of loss against step, one line per group; log scale when every loss is > 0.
+
+    Drawn with PIL (matplotlib is not a dependency). None when no row has a finite loss.
+    """
+    curves = _curves(loss_log)
+    points = [p for curve in curves.values() for p in curve]
+    if not points:
+        return None
+    log_scale = all(loss > 0 for _, loss in points)
+    to_y = math.log10 if log_scale else float
+    xs = [x for x, _ in points]
+    ys = [to_y(loss) for _, loss in points]
+    # A flat curve or a single step still needs a non-empty range to draw in.
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    y0, y1 = min(ys), max(max(ys), min(ys) + 1e-3)
+    left, right, top, bottom = 80, 20, 30, 50
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return left + (x - x0) / (x1 - x0) * plot_w, top + (1 - (y - y0) / (y1 - y0)) * plot_h
+
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([left, top, left + plot_w, top + plot_h], outline=(0, 0, 0))
+    for frac in (0.0, 0.5, 1.0):
+        x, y = x0 + frac * (x1 - x0), y0 + frac * (y1 - y0)
+        px, py = at(x, y)
+        draw.text((px - 10, top + plot_h + 5), f"{x:g}", fill=(0, 0, 0))
+        label = f"{10**y:.3g}" if log_scale else f"{y:.3g}"
+        draw.text((5, py - 5), label, fill=(0, 0, 0))
+    draw.text((left + plot_w // 2 - 10, height - 20), "step", fill=(0, 0, 0))
+    draw.text((left, 8), "loss (log scale)" if log_scale else "loss", fill=(0, 0, 0))
+    for n, (group, curve) in enumerate(sorted(curves.items())):
+        colour = COLOURS[n % len(COLOURS)]
+        xy = [at(x, to_y(loss)) for x, loss in sorted(curve)]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        else:
+            draw.ellipse([xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2], fill=colour)
+        if group and n < len(COLOURS):
+            draw.text((left + plot_w - 120, top + 5 + 12 * n), group[:18], fill=colour)
+    return storage.buffer_to_bytes(lambda f: image.save(f, format="PNG"))
+
+
+def _check_inputs(images: torch.Tensor, labels: torch.Tensor, class_names: list[str], profile):
+    expected = (profile.channels, profile.resolution, profile.resolution)
+    if images.dim() != 4 or tuple(images.shape[1:]) != expected:
+        raise ValueError(f"images have shape {tuple(images.shape)}, expected [n, *{expected}]")
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"labels have shape {tuple(labels.shape)}, expected [{images.shape[0]}]")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
+        raise ValueError(f"labels must lie in [0, {len(class_names)}) to have a class name")
+
+
+def export_condensed(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    class_names: list[str],
+    profile: Profile,
+    out_dir: str,
+    *,
+    provenance: dict,
+    loss_log: list[dict] | None = None,
+    shard_size: int = 10000,
+) -> dict:
+    """Write a condensed set to `out_dir` (local or object store); returns a summary.
+
+    images: [n, C, H, W] float32 in the profile's normalised space, already decoded (f^2 images per
+    stored image when a multi-formation factor was used); labels: [n] int class indices into
+    class_names. `provenance` (JSON values) goes into every sample's json and the manifest.
+    """
+    started = time.perf_counter()
+    _check_inputs(images, labels, class_names, profile)
+    # A rerun overwrites in place: drop the old marker first so a crash midway is not "done".
+    storage.delete(storage.join(out_dir, storage.DONE))
+    images = images.detach().to("cpu", torch.float32).contiguous()
+    label_list = [int(y) for y in labels.tolist()]
+    pixels = to_pixels(images, profile)
+    keys = sample_keys(labels.cpu())
+    pngs = [encode_png(p) for p in pixels]
+    error = png_error(images, pixels, profile)
+
+    wds = write_wds_shards(out_dir, keys, pngs, label_list, class_names, provenance, shard_size)
+    parquet = write_parquet_shards(out_dir, keys, label_list, class_names, pngs, images, shard_size)
+    storage.write_bytes(
+        storage.join(out_dir, formats.PREVIEW_PNG), preview_png(pixels, label_list, class_names)
+    )
+    plot = loss_png(loss_log) if loss_log else None
+    if plot is not None:
+        storage.write_bytes(storage.join(out_dir, formats.LOSS_PNG), plot)
+
+    manifest = {
+        "format": formats.EXPORT_FORMAT,
+        "num_images": len(label_list),
+        "classes": list(class_names),
+        "channels": profile.channels,
+        "resolution": profile.resolution,
+        "mean": list(profile.mean),
+        "std": list(profile.std),
+        "augment": list(profile.augment),
+        "recipe": recipe(EvalConfig(epochs=profile.eval_epochs), profile.augment),
+        "provenance": provenance,
+        "shards": {"wds": wds, "parquet": parquet},
+        **error,
+    }
+    storage.write_json(storage.join(out_dir, formats.MANIFEST), manifest)
+    summary = {
+        "out_dir": out_dir,
+        "num_images": len(label_list),
+        "wds_shards": len(wds),
+        "parquet_files": len(parquet),
+        "loss_plot": plot is not None,
+        **error,
+        "seconds": time.perf_counter() - started,
+    }
+    storage.mark_done(out_dir, summary)
+    log.info(
+        "exported %d images to %s (%d tar, %d parquet); PNG vs float max diff %.4f (%.2f/255)",
+        len(label_list),
+        out_dir,
+        len(wds),
+        len(parquet),
+        error["float_vs_png_max_abs_diff"],
+        error["float_vs_png_max_abs_diff_pixels"] * 255,
+    )
+    return summary

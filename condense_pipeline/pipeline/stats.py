@@ -1,0 +1,414 @@
+"""The statistics stage on Ray: shards -> decoded images -> StatsWorker actors -> ClassStats.
+
+Shards are processed in work units. Per unit, Ray Data reads and decodes the unit's shards on CPU
+tasks and `streaming_split`s the rows into the workers, each adding to its one running
+accumulator. Then every worker writes its accumulator as a new checkpoint, and only after that the
+driver records the unit as done together with those checkpoint names (progress.json). A crash
+therefore never counts a unit twice or loses one, and a rerun skips committed units. A watchdog
+reruns a unit whose workers stop making progress or die (DESIGN.md section 7).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from condense_pipeline import storage
+from condense_pipeline.condense.bank import NEEDS, BankSpec, ProbeBank, pilot_bandwidths
+from condense_pipeline.condense.stats import ClassStats, accumulate, pool_hashes
+from condense_pipeline.config import StatsConfig
+from condense_pipeline.datasets import Profile
+from condense_pipeline.errors import UserError
+from condense_pipeline.formats import BANK_JSON, ERROR, IMAGE, KEY, LABEL, SHARD, STATS_DIR
+from condense_pipeline.pipeline import read
+from condense_pipeline.pipeline.cluster import ensure_ray, plan_workers
+
+log = logging.getLogger(__name__)
+
+PROGRESS_JSON = "progress.json"
+BANDWIDTHS = "bandwidths.safetensors"
+CLASSES_PER_FILE = 100
+
+
+def stats_dir(run_dir: str) -> str:
+    return storage.join(run_dir, STATS_DIR)
+
+
+def dataset_fingerprint(info: dict) -> str:
+    """Identifies the training data: its classes and every shard's checksum."""
+    parts = [info["name"], *info["classes"], *(s["sha256"] for s in info["shards"])]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def bank_spec(profile: Profile, cfg: StatsConfig) -> BankSpec:
+    needs = sorted({need for m in cfg.methods for need in NEEDS[m]})
+    return BankSpec(
+        seed=cfg.seed,
+        probes=cfg.probes,
+        num_classes=profile.num_classes,
+        channels=profile.channels,
+        resolution=profile.resolution,
+        depth=profile.depth,
+        mean=profile.mean,
+        std=profile.std,
+        augment=profile.augment,
+        real_per_probe=cfg.real_per_probe,
+        statistics=tuple(needs),
+        rff_dim=cfg.rff_dim if "rff" in needs else 0,
+        attention_power=cfg.attention_power,
+    )
+
+
+# -- the worker --------------------------------------------------------------------------------
+class StatsWorker:
+    """Holds one running accumulator; consumes its split of each unit's rows."""
+
+    def __init__(self, spec: BankSpec, init_pool: int, counts, bandwidths, device: str):
+        torch.set_num_threads(max(1, int(torch.get_num_threads())))
+        self.bank = ProbeBank(spec, device)
+        self.counts = np.asarray(counts)
+        self.bandwidths = bandwidths
+        self.init_pool = init_pool
+        self.stats = ClassStats.zeros(self.bank, init_pool)
+        self.rows = 0
+
+    def load(self, checkpoints: list[str]) -> None:
+        """Start from the sum of committed checkpoints (none: from zero)."""
+        self.stats = ClassStats.zeros(self.bank, self.init_pool)
+        for path in checkpoints:
+            self.stats = self.stats + ClassStats.load(path, self.bank.device)
+
+    def consume(self, rows, batch_size: int) -> int:
+        forwards = 0
+        for batch in rows.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            errors = batch[ERROR]
+            for shard, err in zip(batch[SHARD][errors != ""], errors[errors != ""]):
+                kinds = self.stats.rejected.setdefault(str(shard), {})
+                kind = read.reason_kind(str(err))
+                kinds[kind] = kinds.get(kind, 0) + 1
+            good = errors == ""
+            if good.any():
+                forwards += accumulate(
+                    self.stats,
+                    self.bank,
+                    torch.from_numpy(np.ascontiguousarray(batch[IMAGE][good])),
+                    batch[LABEL][good],
+                    [str(k) for k in batch[KEY][good]],
+                    self.counts,
+                    self.bandwidths,
+                    self.bank.spec.attention_power,
+                )
+            self.rows += len(errors)
+        return forwards
+
+    def progress(self) -> int:
+        return self.rows
+
+    def save(self, location: str) -> None:
+        self.stats.save(location)
+
+
+# -- the driver --------------------------------------------------------------------------------
+@dataclass
+class StatsResult:
+    run_dir: str
+    reused: bool
+    summary: dict
+
+
+def _satisfies(old: BankSpec, new: BankSpec) -> list[str]:
+    """What keeps existing statistics from serving a new request ([] when they serve it)."""
+    a, b = old.to_json(), new.to_json()
+    loose = {"statistics", "rff_dim", "attention_power", "extra"}
+    diff = [f"{k}: {a[k]} -> {b[k]}" for k in b if k not in loose and a[k] != b[k]]
+    missing = set(new.statistics) - set(old.statistics)
+    if missing:
+        diff.append(f"lacks {', '.join(sorted(missing))}")
+    if "rff" in new.statistics and "rff" in old.statistics and old.rff_dim != new.rff_dim:
+        diff.append(f"rff_dim: {old.rff_dim} -> {new.rff_dim}")
+    if "att" in new.statistics and "att" in old.statistics:
+        if old.attention_power != new.attention_power:
+            diff.append(f"attention_power: {old.attention_power} -> {new.attention_power}")
+    return diff
+
+
+def _check_existing(folder: str, bank_json: dict) -> bool:
+    """True when finished statistics there serve this request; False to resume an unfinished
+    pass with the same settings; refuses statistics computed with conflicting settings."""
+    existing = storage.read_json(storage.join(folder, BANK_JSON))
+    old, new = BankSpec.from_json(existing["spec"]), BankSpec.from_json(bank_json["spec"])
+    diff = (
+        _satisfies(old, new)
+        if storage.is_done(folder)
+        else _satisfies(new, old) + _satisfies(old, new)
+    )
+    if existing["dataset"] != bank_json["dataset"]:
+        diff.append("the training data changed")
+    if diff:
+        raise UserError(
+            f"{folder} holds statistics computed with other settings ({'; '.join(diff)}); "
+            "use another run directory or pass --overwrite"
+        )
+    return storage.is_done(folder)
+
+
+def pilot_images(shards, profile, counts, per_class: int, seed: int):
+    """Per class the `per_class` images with the smallest pool hash among the first shards that
+    hold enough of every class (shards are shuffled at prepare, so these are a random sample)."""
+    want = np.minimum(np.asarray(counts), per_class)
+    seen: dict[int, list] = {c: [] for c in range(len(counts))}
+    for shard in shards:
+        for row in read.iter_decoded([shard], profile, len(counts)):
+            if not row[ERROR]:
+                seen[row[LABEL]].append((row[KEY], row[IMAGE]))
+        if all(len(seen[c]) >= 4 * want[c] or len(seen[c]) >= counts[c] for c in seen):
+            break
+    images, labels = [], []
+    for c, rows in seen.items():
+        order = np.argsort(pool_hashes([k for k, _ in rows], seed), kind="stable")[: want[c]]
+        images += [rows[i][1] for i in order]
+        labels += [c] * len(order)
+    return torch.from_numpy(np.stack(images)), torch.tensor(labels)
+
+
+def run_stats(
+    profile: Profile,
+    data: str,
+    run_dir: str,
+    cfg: StatsConfig,
+    *,
+    address: str | None = None,
+    overwrite: bool = False,
+    progress=None,
+) -> StatsResult:
+    """Compute (or reuse) the statistics for `cfg.methods` on the shards at `data`."""
+    import ray
+
+    say = progress or (lambda line: None)
+    shards = storage.list_shards(data)
+    info = read.load_dataset_info(data)
+    if len(info["classes"]) != profile.num_classes:
+        raise UserError(
+            f"{data} holds {len(info['classes'])} classes but the {profile.name} profile has "
+            f"{profile.num_classes}; prepare it with the right dataset name"
+        )
+    counts = np.asarray(info["counts"])
+    empty = np.nonzero(counts == 0)[0]
+    if len(empty):
+        raise UserError(f"class {info['classes'][empty[0]]} has no training images in {data}")
+    spec = bank_spec(profile, cfg)
+    folder = stats_dir(run_dir)
+    bank_json = {"spec": spec.to_json(), "dataset": dataset_fingerprint(info)}
+    extra = {"data": data, "profile": profile.name, "class_names": info["classes"]}
+    if storage.exists(storage.join(folder, BANK_JSON)):
+        if overwrite:
+            storage.delete(folder)
+        elif _check_existing(folder, bank_json):
+            return StatsResult(run_dir, True, storage.read_json(storage.join(folder, "_DONE")))
+
+    ensure_ray(address)
+    plan = plan_workers(cfg.workers)
+    started = time.perf_counter()
+    torch_device = plan.device
+    bank_json["device"] = torch_device
+    bank_json["tf32"] = bool(torch.backends.cuda.matmul.allow_tf32) if plan.num_gpus else False
+    bank_json["init_pool"] = cfg.init_pool
+    bank_json.update(extra)
+    storage.write_json(storage.join(folder, BANK_JSON), bank_json)
+
+    bandwidths = None
+    if "rff" in spec.statistics:
+        bw_path = storage.join(folder, BANDWIDTHS)
+        if storage.exists(bw_path):
+            bandwidths = _load_tensor(bw_path)
+        else:
+            say(f"bandwidth pilot: {cfg.pilot_per_class} images per class")
+            images, labels = pilot_images(shards, profile, counts, cfg.pilot_per_class, cfg.seed)
+            task = ray.remote(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus)(_pilot_task)
+            bandwidths = ray.get(task.remote(spec, images, labels, torch_device))
+            _save_tensor(bw_path, bandwidths)
+
+    units = [
+        shards[i : i + cfg.shards_per_unit] for i in range(0, len(shards), cfg.shards_per_unit)
+    ]
+    progress_path = storage.join(folder, PROGRESS_JSON)
+    state = (
+        storage.read_json(progress_path)
+        if storage.exists(progress_path)
+        else {"done_units": [], "checkpoints": [], "forwards": 0, "retries": []}
+    )
+    Worker = ray.remote(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_concurrency=2)(
+        StatsWorker
+    )
+
+    def start_workers():
+        ws = [
+            Worker.remote(spec, cfg.init_pool, counts, bandwidths, torch_device)
+            for _ in range(plan.workers)
+        ]
+        ray.get([w.load.remote(state["checkpoints"][i :: len(ws)]) for i, w in enumerate(ws)])
+        return ws
+
+    workers = start_workers()
+    for u, unit in enumerate(units):
+        if u in state["done_units"]:
+            continue
+        for attempt in range(3):
+            try:
+                forwards = _run_unit(workers, unit, profile, cfg, say, u, len(units))
+                break
+            except _UnitFailed as failure:
+                state["retries"].append({"unit": u, "attempt": attempt + 1, "why": str(failure)})
+                say(f"unit {u}: {failure}; rebuilding workers and rerunning the unit")
+                for w in workers:
+                    ray.kill(w)
+                if attempt == 2:
+                    raise UserError(
+                        f"stats stage stalled: unit {u} failed 3 times ({failure})"
+                    ) from None
+                workers = start_workers()
+        # commit: checkpoints first, then the record that names them
+        stamp = f"u{u:05d}"
+        names = [
+            storage.join(folder, "partial", f"{stamp}-w{i}.safetensors")
+            for i in range(len(workers))
+        ]
+        ray.get([w.save.remote(n) for w, n in zip(workers, names)])
+        old = state["checkpoints"]
+        state = {
+            **state,
+            "done_units": state["done_units"] + [u],
+            "checkpoints": names,
+            "forwards": state["forwards"] + forwards,
+        }
+        storage.write_json(progress_path, state)
+        for path in old:
+            storage.delete(path)
+
+    total = None
+    for path in state["checkpoints"]:
+        part = ClassStats.load(path)
+        total = part if total is None else total + part
+    for w in workers:
+        ray.kill(w)
+    images = int(total.seen.sum())
+    summary_reads = read.ReadSummary(good=images, rejected=total.rejected)
+    read.check_rejects(summary_reads, cfg.max_bad_fraction)
+    for start in range(0, profile.num_classes, CLASSES_PER_FILE):
+        classes = list(range(start, min(start + CLASSES_PER_FILE, profile.num_classes)))
+        total.select(classes).save(storage.join(folder, class_file(start)))
+    seconds = time.perf_counter() - started
+    summary = {
+        "images": images,
+        "skipped": summary_reads.num_rejected,
+        "rejected": total.rejected,
+        "forwards": state["forwards"],
+        "seconds": round(seconds, 2),
+        "images_per_s": round(images / seconds, 1),
+        "workers": plan.workers,
+        "device": torch_device,
+        "retries": state["retries"],
+        "class_images": total.seen.tolist(),
+    }
+    if bandwidths is not None:
+        ratio = total.exact_bandwidth() / bandwidths
+        summary["pilot_bandwidth_ratio"] = {
+            "median": float(ratio.median()),
+            "min": float(ratio.min()),
+            "max": float(ratio.max()),
+        }
+    storage.mark_done(folder, summary)
+    for path in state["checkpoints"]:
+        storage.delete(path)
+    return StatsResult(run_dir, False, summary)
+
+
+def class_file(start: int) -> str:
+    return f"classes-{start:05d}.safetensors"
+
+
+class _UnitFailed(Exception):
+    pass
+
+
+def _run_unit(workers, unit, profile, cfg, say, u, n_units) -> int:
+    import ray
+    from ray.exceptions import RayActorError
+
+    ds = read.read_images(unit, profile, profile.num_classes)
+    splits = ds.streaming_split(len(workers), equal=False)
+    refs = [w.consume.remote(it, cfg.batch_size) for w, it in zip(workers, splits)]
+    last, last_change = -1, time.monotonic()
+    while True:
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=2.0)
+        try:
+            if len(done) == len(refs):
+                forwards = sum(ray.get(refs))
+                say(f"unit {u + 1}/{n_units} done ({len(unit)} shards)")
+                return forwards
+            rows = sum(ray.get([w.progress.remote() for w in workers], timeout=30))
+        except (RayActorError, ray.exceptions.GetTimeoutError) as e:
+            raise _UnitFailed(f"a worker died or stopped answering: {type(e).__name__}") from e
+        if rows != last:
+            last, last_change = rows, time.monotonic()
+        elif time.monotonic() - last_change > cfg.stall_timeout_s:
+            raise _UnitFailed(f"no progress for {cfg.stall_timeout_s:.0f} s")
+
+
+def _pilot_task(spec: BankSpec, images, labels, device: str):
+    return pilot_bandwidths(ProbeBank(spec, device), images, labels)
+
+
+def _save_tensor(location: str, t: torch.Tensor) -> None:
+    from safetensors.torch import save
+
+    storage.write_bytes(location, save({"t": t.contiguous()}))
+
+
+def _load_tensor(location: str) -> torch.Tensor:
+    from safetensors.torch import load
+
+    return load(storage.read_bytes(location))["t"]
+
+
+def load_stats(run_dir: str, classes: list[int], device="cpu") -> ClassStats:
+    """The finished statistics of `classes` (in order), reading only the files holding them."""
+    folder = stats_dir(run_dir)
+    parts = {}
+    for start in sorted({c // CLASSES_PER_FILE * CLASSES_PER_FILE for c in classes}):
+        parts[start] = ClassStats.load(storage.join(folder, class_file(start)), device)
+    pieces = [
+        parts[c // CLASSES_PER_FILE * CLASSES_PER_FILE].select([c % CLASSES_PER_FILE])
+        for c in classes
+    ]
+    return concat_classes(pieces)
+
+
+def load_bandwidths(run_dir: str) -> torch.Tensor | None:
+    path = storage.join(stats_dir(run_dir), BANDWIDTHS)
+    return _load_tensor(path) if storage.exists(path) else None
+
+
+def concat_classes(parts: list[ClassStats]) -> ClassStats:
+    """Join statistics of disjoint class lists along the class axis."""
+
+    def cat(ts, dim=1):
+        return None if ts[0] is None else torch.cat(ts, dim)
+
+    return ClassStats(
+        count=cat([p.count for p in parts]),
+        sqnorm_sum=cat([p.sqnorm_sum for p in parts]),
+        emb_sum=cat([p.emb_sum for p in parts]),
+        rff_sum=cat([p.rff_sum for p in parts]),
+        att_sum=[cat([p.att_sum[i] for p in parts]) for i in range(len(parts[0].att_sum))],
+        seen=torch.cat([p.seen for p in parts]),
+        rejected=parts[0].rejected,
+        pool_hash=np.concatenate([p.pool_hash for p in parts]),
+        pool_images=torch.cat([p.pool_images for p in parts]),
+        pool_keys=[k for p in parts for k in p.pool_keys],
+    )

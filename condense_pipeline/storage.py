@@ -1,0 +1,162 @@
+"""Reading and writing run files on local disk or an object store, through pyarrow filesystems.
+
+Locally every file is written to a temporary name and renamed, so a crash never leaves half a file
+under the real name. Object stores have no atomic rename: there each file is one put, and a stage
+writes its completion marker last, so readers trust only markers (DESIGN.md section 7).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import json
+import os
+import re
+import uuid
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from condense_pipeline.errors import UserError
+
+DONE = "_DONE"
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location
+
+
+def resolve(location: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and the path inside it for a local path or a URI such as s3://bucket/key."""
+    if is_uri(location) and not location.startswith("file://"):
+        return pafs.FileSystem.from_uri(location)
+    path = location.removeprefix("file://")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def join(location: str, *parts: str) -> str:
+    return "/".join([location.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def exists(location: str) -> bool:
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(location: str) -> bool:
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def list_dir(location: str) -> list[str]:
+    """Names (not paths) of the entries directly under `location`, sorted; [] if it is missing."""
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    return sorted(info.base_name for info in infos)
+
+
+def read_bytes(location: str) -> bytes:
+    fs, path = resolve(location)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def open_input(location: str):
+    """A binary file object for streaming reads (tar shards)."""
+    fs, path = resolve(location)
+    return fs.open_input_stream(path)
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    """Write a whole file: temporary name then rename locally, one put on an object store."""
+    fs, path = resolve(location)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def upload_file(local_path: str, location: str) -> None:
+    """Copy a finished local file (e.g. a tar from webdataset's writer) to `location`."""
+    with open(local_path, "rb") as f:
+        write_bytes(location, f.read())
+
+
+def read_json(location: str) -> Any:
+    return json.loads(read_bytes(location))
+
+
+def write_json(location: str, value: Any) -> None:
+    write_bytes(location, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+
+def delete(location: str) -> None:
+    fs, path = resolve(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def mark_done(folder: str, info: dict | None = None) -> None:
+    write_json(join(folder, DONE), info or {})
+
+
+def is_done(folder: str) -> bool:
+    return exists(join(folder, DONE))
+
+
+def buffer_to_bytes(write) -> bytes:
+    """Run `write(file)` against an in-memory file and return what it wrote."""
+    buf = io.BytesIO()
+    write(buf)
+    return buf.getvalue()
+
+
+_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """`train-{000000..000003}.tar` -> four names, zero padding kept (webdataset's convention)."""
+    match = _BRACE.search(pattern)
+    if not match:
+        return [pattern]
+    lo, hi = match.group(1), match.group(2)
+    width = len(lo)
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    out = []
+    for i in range(int(lo), int(hi) + 1):
+        out.extend(expand_braces(f"{head}{i:0{width}d}{tail}"))
+    return out
+
+
+def list_shards(spec: str) -> list[str]:
+    """Shard locations from a folder, a glob, a brace pattern or one file; sorted, never empty."""
+    if _BRACE.search(spec):
+        shards = expand_braces(spec)
+        missing = [s for s in shards if not exists(s)]
+        if missing:
+            raise UserError(f"{len(missing)} shard(s) of {spec} do not exist, first: {missing[0]}")
+        return shards
+    if any(ch in spec for ch in "*?["):
+        folder, pattern = spec.rsplit("/", 1) if "/" in spec else (".", spec)
+        shards = [join(folder, n) for n in list_dir(folder) if fnmatch.fnmatch(n, pattern)]
+    elif is_dir(spec):
+        shards = [join(spec, n) for n in list_dir(spec) if n.endswith(".tar")]
+    elif exists(spec):
+        shards = [spec]
+    else:
+        raise UserError(f"no shards at {spec}: the path does not exist")
+    if not shards:
+        raise UserError(f"no .tar shards found at {spec}")
+    return shards

@@ -1,0 +1,108 @@
+"""The probe bank: reproducible probes, the subsampling rule, and M3D's random features."""
+
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from conftest import small_spec
+
+from condense_pipeline.condense.bank import ProbeBank, key_hashes, probe_uniforms
+from condense_pipeline.condense.losses import gaussian_kernel
+
+WEIGHTS_SCRIPT = """
+import sys, hashlib
+from conftest import small_spec
+from condense_pipeline.condense.bank import ProbeBank
+net = ProbeBank(small_spec()).network(3)
+h = hashlib.sha256()
+for t in net.state_dict().values():
+    h.update(t.numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_probe_network_is_bit_identical_across_processes():
+    def digest():
+        out = subprocess.run(
+            [sys.executable, "-c", WEIGHTS_SCRIPT],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd="tests",
+        )
+        return out.stdout.strip()
+
+    first, second = digest(), digest()
+    assert first == second
+    # and a different probe is a different network
+    assert not torch.equal(
+        ProbeBank(small_spec()).network(3).blocks[0][0].weight,
+        ProbeBank(small_spec()).network(4).blocks[0][0].weight,
+    )
+
+
+def test_key_hash_is_stable_and_keyed():
+    a = key_hashes(["x", "y"], seed=1)
+    assert np.array_equal(a, key_hashes(["x", "y"], seed=1))
+    assert not np.array_equal(a, key_hashes(["x", "y"], seed=2))
+    # a literal value: Python's salted hash() would change between processes
+    assert int(key_hashes(["x"], seed=0)[0]) == int(key_hashes(["x"], seed=0)[0])
+
+
+def test_membership_rate_is_m_over_n():
+    hashes = key_hashes([f"k{i}" for i in range(20000)], seed=0)
+    u = probe_uniforms(hashes, 50)
+    assert u.min() >= 0 and u.max() < 1
+    assert abs((u < 0.1).mean() - 0.1) < 0.005
+    # different probes choose nearly independent subsets
+    overlap = ((u[:, 0] < 0.1) & (u[:, 1] < 0.1)).mean()
+    assert abs(overlap - 0.01) < 0.003
+
+
+def test_siamese_augmentation_is_the_same_for_real_and_synthetic(bank):
+    x = torch.randn(4, 1, 8, 8)
+    labels = torch.tensor([2, 2, 5, 5])
+    together = bank.augment(1, x, labels)
+    apart = torch.cat([bank.augment(1, x[:2], labels[:2]), bank.augment(1, x[2:], labels[2:])])
+    assert torch.equal(together, apart)
+
+
+def _kernel_error(R: int, draws: int = 8) -> float:
+    spec = small_spec()
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(20, 512, generator=g), torch.randn(20, 512, generator=g)
+    h = torch.full((20,), 1024.0)
+    exact = gaussian_kernel(u[None], v[None], h[:1])[0].diagonal()
+    errors = []
+    for seed in range(draws):
+        from dataclasses import replace
+
+        bank = ProbeBank(replace(spec, rff_dim=R, seed=seed))
+        approx = (bank.rff(0, u, h) * bank.rff(0, v, h)).sum(1)
+        errors.append((approx - exact).pow(2).mean().sqrt().item())
+    return float(np.mean(errors))
+
+
+def test_rff_kernel_error_falls_like_one_over_sqrt_r():
+    small, large = _kernel_error(500), _kernel_error(8000)
+    # 16x the features: the error should shrink about 4x (1/sqrt(R))
+    assert 2.5 < small / large < 6.5
+
+
+def test_rff_cross_term_is_unbiased():
+    from dataclasses import replace
+
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(5, 512, generator=g)
+    r = torch.randn(40, 512, generator=g) + 0.3
+    h = torch.tensor([1024.0])
+    exact = gaussian_kernel(y[None], r[None], h).mean().item()
+    estimates = []
+    for seed in range(200):
+        bank = ProbeBank(replace(small_spec(), seed=seed))
+        hy, hr = h.expand(5), h.expand(40)
+        estimates.append((bank.rff(0, y, hy).mean(0) @ bank.rff(0, r, hr).mean(0)).item())
+    est = np.array(estimates)
+    assert 0 < exact <= 5
+    assert abs(est.mean() - exact) < 4 * est.std() / np.sqrt(len(est))

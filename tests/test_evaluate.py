@@ -1,0 +1,189 @@
+import math
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from condense_pipeline import formats, storage
+from condense_pipeline.condense.networks import MODELS, ConvNet, build_model
+from condense_pipeline.datasets import get_profile
+from condense_pipeline.errors import UserError
+from condense_pipeline.evaluate import (
+    EvalConfig,
+    dsa_collate,
+    evaluate_condensed,
+    load_condensed,
+    load_condensed_ray,
+    random_real_subset,
+    train_and_test,
+)
+from condense_pipeline.pipeline.export import export_condensed
+
+DIGITS = get_profile("digits")
+
+
+def separable(n_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two classes of 8 px grey images: dark (-1) or bright (+1) plus a little noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(2).repeat_interleave(n_per_class)
+    x = (2.0 * y - 1).view(-1, 1, 1, 1) + 0.3 * torch.randn(len(y), 1, 8, 8, generator=g)
+    return x, y
+
+
+def exported(tmp_path, n_per_class: int = 4, name: str = "export") -> tuple[str, torch.Tensor]:
+    x, y = separable(n_per_class, seed=1)
+    x = x.clamp(-0.8, 1.8)  # inside the digits profile's pixel range, so the PNGs are exact
+    out = str(tmp_path / name)
+    export_condensed(x, y, ["dark", "bright"], DIGITS, out, provenance={"method": "test"})
+    return out, x
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("channels,resolution", [(1, 28), (3, 32)])
+def test_every_model_runs_forward(name, channels, resolution):
+    model = build_model(name, channels, resolution, num_classes=7)
+    out = model(torch.randn(2, channels, resolution, resolution))
+    assert out.shape == (2, 7)
+
+
+def test_convnet_runs_at_8px():
+    assert build_model("convnet", 1, 8, 10)(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_loader_gives_back_the_exported_images(tmp_path):
+    out, x = exported(tmp_path)
+    ds = load_condensed(out)
+    assert len(ds) == 8
+    image, label = ds[5]
+    assert image.dtype == torch.float32 and image.shape == (1, 8, 8)
+    assert label == 1
+    # Half an 8-bit level in normalised units.
+    assert (image - x[5]).abs().max() <= 0.5 / 255 / DIGITS.std[0] + 1e-5
+    assert ds.classes == ["dark", "bright"]
+    assert ds.strategy == list(DIGITS.augment)
+
+
+@pytest.mark.parametrize("augment", ["none", "item", "batch"])
+def test_loader_feeds_a_training_loop(tmp_path, augment):
+    out, _ = exported(tmp_path, n_per_class=8)
+    ds = load_condensed(out, augment=augment == "item", seed=3)
+    collate = dsa_collate(ds.strategy, seed=3) if augment == "batch" else None
+    loader = DataLoader(ds, batch_size=4, shuffle=True, collate_fn=collate)
+    torch.manual_seed(0)
+    model = ConvNet(1, 8, num_classes=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    losses = []
+    for _ in range(3):
+        for xb, yb in loader:
+            assert xb.shape == (4, 1, 8, 8) and yb.dtype == torch.int64
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-4:]) < sum(losses[:4])
+
+
+def test_item_augmentation_changes_images(tmp_path):
+    out, _ = exported(tmp_path)
+    plain, augmented = load_condensed(out), load_condensed(out, augment=True, seed=0)
+    differs = [not torch.equal(plain[i][0], augmented[i][0]) for i in range(len(plain))]
+    assert any(differs)
+
+
+def test_loader_reads_only_the_current_export(tmp_path):
+    exported(tmp_path, n_per_class=6)
+    out, _ = exported(tmp_path, n_per_class=2)  # a rerun into the same folder, fewer images
+    assert len(load_condensed(out)) == 4
+
+
+def test_loader_refuses_an_unfinished_export(tmp_path):
+    out, _ = exported(tmp_path)
+    storage.delete(storage.join(out, storage.DONE))
+    with pytest.raises(UserError, match="not a finished export"):
+        load_condensed(out)
+
+
+def test_load_condensed_ray(tmp_path):
+    ray = pytest.importorskip("ray")
+    out, x = exported(tmp_path)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        rows = load_condensed_ray(out).take_all()
+    finally:
+        if started:
+            ray.shutdown()
+    assert len(rows) == 8
+    assert set(rows[0]) == set(formats.PARQUET_COLUMNS)
+    by_key = {r["key"]: r for r in rows}
+    assert torch.equal(torch.tensor(by_key["00001-00000"]["tensor"]).view(1, 8, 8), x[4])
+
+
+def test_train_and_test_learns_a_separable_problem():
+    train_x, train_y = separable(20, seed=0)
+    test_x, test_y = separable(50, seed=1)
+    cfg = EvalConfig(epochs=6, batch_size=16)
+    accuracy = train_and_test(train_x, train_y, test_x, test_y, DIGITS, 2, cfg, run_seed=0)
+    assert accuracy >= 95.0
+
+
+def test_train_and_test_rejects_the_wrong_shape():
+    x = torch.zeros(4, 3, 8, 8)
+    y = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(UserError, match="expects"):
+        train_and_test(x, y, x, y, DIGITS, 2, EvalConfig(epochs=1), run_seed=0)
+
+
+def test_random_real_subset_picks_ipc_per_class_deterministically():
+    labels = torch.arange(5).repeat(7)  # 7 images of each of 5 classes, interleaved
+    images = torch.arange(35, dtype=torch.float32).view(35, 1, 1, 1)
+    x, y = random_real_subset(images, labels, ipc=3, num_classes=5, seed=0)
+    assert torch.bincount(y, minlength=5).tolist() == [3] * 5
+    assert torch.equal(labels[x.flatten().long()], y)  # each image kept its own label
+    assert len(set(x.flatten().tolist())) == 15  # no image twice
+    again, _ = random_real_subset(images, labels, ipc=3, num_classes=5, seed=0)
+    other, _ = random_real_subset(images, labels, ipc=3, num_classes=5, seed=1)
+    assert torch.equal(x, again)
+    assert not torch.equal(x, other)
+    with pytest.raises(UserError, match="lower --ipc"):
+        random_real_subset(images, labels, ipc=8, num_classes=5, seed=0)
+
+
+def test_eval_config_rejects_bad_values():
+    with pytest.raises(UserError, match="epochs"):
+        EvalConfig(epochs=0)
+    with pytest.raises(UserError, match="unknown model"):
+        EvalConfig(model="lenet9000")
+
+
+def test_evaluate_condensed_reports_and_writes(tmp_path):
+    out, _ = exported(tmp_path)
+    test_x, test_y = separable(10, seed=2)
+    train_x, train_y = separable(10, seed=3)
+    lines = []
+    cfg = EvalConfig(epochs=2, runs=2, batch_size=8)
+    report_dir = str(tmp_path / "eval")
+    report = evaluate_condensed(
+        out, test_x, test_y, train_x, train_y, DIGITS, 2, 4, cfg, lines.append, report_dir
+    )
+    assert len(report["condensed"]["runs"]) == 2 and len(report["random_real"]["runs"]) == 2
+    for part in ("condensed", "random_real"):
+        assert all(0 <= a <= 100 for a in report[part]["runs"])
+    assert (report["ipc"], report["epochs"], report["model"]) == (4, 2, "convnet")
+    assert report["num_train_condensed"] == 8
+    assert report["float_vs_png_max_abs_diff"] <= 0.5 / 255 / DIGITS.std[0] + 1e-5
+    assert len(lines) == 4
+    assert storage.read_json(storage.join(report_dir, formats.REPORT_JSON)) == report
+    assert storage.is_done(report_dir)
+
+
+def test_evaluate_condensed_refuses_another_profile(tmp_path):
+    out, _ = exported(tmp_path)
+    x = torch.zeros(2, 1, 28, 28)
+    y = torch.zeros(2, dtype=torch.int64)
+    cfg = EvalConfig(epochs=1, runs=1)
+    with pytest.raises(UserError, match="differs from profile"):
+        evaluate_condensed(out, x, y, None, None, get_profile("mnist"), 2, 4, cfg)

@@ -1,0 +1,147 @@
+"""The Ray stages on a real local Ray: statistics equal a plain loop whatever the workers and
+units, a killed stats run resumes without recomputing committed units, condense resumes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from condense_pipeline import storage
+from condense_pipeline.condense.bank import ProbeBank
+from condense_pipeline.condense.stats import ClassStats, accumulate
+from condense_pipeline.config import condense_config, stats_config
+from condense_pipeline.datasets import get_profile
+from condense_pipeline.formats import ERROR, IMAGE, KEY, LABEL
+from condense_pipeline.pipeline import read
+from condense_pipeline.pipeline.condense import run_condense
+from condense_pipeline.pipeline.stats import (
+    PROGRESS_JSON,
+    bank_spec,
+    load_bandwidths,
+    load_stats,
+    run_stats,
+    stats_dir,
+)
+from condense_pipeline.prepare import prepare_dataset
+
+PROFILE = get_profile("digits")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("digits"))
+    prepare_dataset("digits", None, out, shard_size=150)  # 10 train shards
+    return os.path.join(out, "train")
+
+
+def _cfg(**kw):
+    base = dict(probes=4, init_pool=8, shards_per_unit=3, workers=2)
+    return replace(stats_config(PROFILE, ("dm", "m3d", "datadam")), **{**base, **kw})
+
+
+def _plain_loop(shards, cfg, run_dir):
+    """The same statistics without Ray: one accumulator, one pass, the run's bandwidths."""
+    bank = ProbeBank(bank_spec(PROFILE, cfg))
+    stats = ClassStats.zeros(bank, cfg.init_pool)
+    counts = np.asarray(read.load_dataset_info(shards)["counts"])
+    rows = [r for r in read.iter_decoded(storage.list_shards(shards), PROFILE, 10) if not r[ERROR]]
+    images = torch.from_numpy(np.stack([r[IMAGE] for r in rows]))
+    labels = np.array([r[LABEL] for r in rows])
+    keys = [r[KEY] for r in rows]
+    accumulate(stats, bank, images, labels, keys, counts, load_bandwidths(run_dir))
+    return stats
+
+
+def _assert_close(a, b, tol=1e-5):
+    assert torch.equal(a.count, b.count)
+    for name in ("emb_sum", "rff_sum", "sqnorm_sum"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert ((x - y).abs().max() / y.abs().max()).item() < tol, name
+    for x, y in zip(a.att_sum, b.att_sum):
+        assert ((x - y).abs().max() / y.abs().max()).item() < tol
+    assert a.pool_keys == b.pool_keys
+
+
+def test_ray_stats_equal_a_plain_loop_for_any_workers_and_units(ray_local, shards, tmp_path):
+    two = str(tmp_path / "two")
+    result = run_stats(PROFILE, shards, two, _cfg())
+    assert result.summary["images"] == 1437 and result.summary["skipped"] == 0
+    ray_stats = load_stats(two, list(range(10)))
+    _assert_close(ray_stats, _plain_loop(shards, _cfg(), two))
+
+    one = str(tmp_path / "one")
+    run_stats(PROFILE, shards, one, _cfg(workers=1, shards_per_unit=10))
+    _assert_close(load_stats(one, list(range(10))), ray_stats)
+
+    # a second call reuses the finished statistics; a conflicting one is refused
+    assert run_stats(PROFILE, shards, two, _cfg()).reused
+    assert run_stats(PROFILE, shards, two, replace(_cfg(), methods=("dm",))).reused
+    from condense_pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="probes: 4 -> 5"):
+        run_stats(PROFILE, shards, two, _cfg(probes=5))
+
+
+def test_condense_resumes_and_skips_finished_groups(ray_local, shards, tmp_path):
+    run_dir = str(tmp_path / "run")
+    run_stats(PROFILE, shards, run_dir, _cfg(probes=3))
+    cfg = condense_config(PROFILE, "dm", 2, steps=10, groups=2, classes=(0, 1, 2, 3))
+    first = run_condense(run_dir, cfg)
+    assert first.groups_run == 2 and first.images.shape == (8, 1, 8, 8)
+    again = run_condense(run_dir, cfg)
+    assert again.groups_skipped == 2 and torch.equal(again.images, first.images)
+    # one group alone gives the same images (instance norm: classes are independent)
+    single = run_condense(run_dir, replace(cfg, groups=1))
+    assert ((single.images - first.images).abs().max() < 1e-4).item()
+
+
+KILLED_RUN = """
+import sys
+from dataclasses import replace
+from condense_pipeline.config import stats_config
+from condense_pipeline.datasets import get_profile
+from condense_pipeline.pipeline.stats import run_stats
+p = get_profile("digits")
+cfg = replace(stats_config(p, ("dm",)), probes=40, init_pool=4, shards_per_unit=1, workers=1)
+run_stats(p, sys.argv[1], sys.argv[2], cfg, progress=print)
+"""
+
+
+def test_killed_stats_run_resumes_without_recomputing(ray_local, shards, tmp_path):
+    run_dir = str(tmp_path / "killed")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_RUN, shards, run_dir],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    progress = os.path.join(stats_dir(run_dir), PROGRESS_JSON)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if os.path.exists(progress) and len(storage.read_json(progress)["done_units"]) >= 2:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+    proc.wait()
+    done = storage.read_json(progress)["done_units"]
+    assert 2 <= len(done) < 10, "the run must be killed mid-way"
+
+    out = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, shards, run_dir], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rerun = [line for line in out.stdout.splitlines() if line.startswith("unit ")]
+    assert len(rerun) == 10 - len(done)  # committed units are not recomputed
+
+    fresh = str(tmp_path / "fresh")  # uninterrupted, in this process
+    cfg = replace(stats_config(PROFILE, ("dm",)), probes=40, init_pool=4, shards_per_unit=1)
+    run_stats(PROFILE, shards, fresh, replace(cfg, workers=1))
+    a, b = load_stats(run_dir, list(range(10))), load_stats(fresh, list(range(10)))
+    assert torch.equal(a.count, b.count)
+    assert ((a.emb_sum - b.emb_sum).abs().max() / b.emb_sum.abs().max()).item() < 1e-5

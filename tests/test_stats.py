@@ -1,0 +1,84 @@
+"""ClassStats: sums that merge exactly, a bottom-k init pool, safetensors round trip."""
+
+import numpy as np
+import torch
+from conftest import small_spec
+
+from condense_pipeline.condense.bank import ProbeBank, pilot_bandwidths
+from condense_pipeline.condense.stats import ClassStats, accumulate
+from condense_pipeline.pipeline.stats import concat_classes
+
+
+def _accumulate(bank, images, labels, keys, h, pool=12):
+    stats = ClassStats.zeros(bank, pool)
+    counts = np.bincount(labels, minlength=10)
+    accumulate(stats, bank, images, labels, keys, counts, h)
+    return stats
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_partials_sum_to_one_pass(digits, bank):
+    images, labels, keys = digits
+    images, labels, keys = images[:300], labels[:300], keys[:300]
+    h = pilot_bandwidths(bank, images, torch.from_numpy(labels))
+    whole = _accumulate(bank, images, labels, keys, h)
+    # the same embeddings, split three ways: merging must be exact (float64 sums)
+    parts = [_accumulate(bank, images[i::3], labels[i::3], keys[i::3], h) for i in range(3)]
+    merged = parts[0] + parts[1] + parts[2]
+    assert torch.equal(merged.count, whole.count)
+    for name in ("sqnorm_sum", "emb_sum", "rff_sum"):
+        assert _rel(getattr(merged, name), getattr(whole, name)) < 1e-5
+    for a, b in zip(merged.att_sum, whole.att_sum):
+        assert _rel(a, b) < 1e-5
+    # the init pool is bottom-k by hash: the same images whatever the split
+    for c in range(10):
+        assert merged.pool(c)[1] == whole.pool(c)[1]
+        assert torch.equal(merged.pool(c)[0], whole.pool(c)[0])
+
+
+def test_merge_is_exact_on_the_same_embeddings(bank):
+    """Addition of float64 sums: partial merges equal one accumulation to 1e-12."""
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(1000, 64, generator=g, dtype=torch.float64) * 10
+    labels = torch.randint(0, 10, (1000,), generator=g)
+    total = torch.zeros(10, 64, dtype=torch.float64).index_add_(0, labels, emb)
+    parts = [
+        torch.zeros(10, 64, dtype=torch.float64).index_add_(0, labels[i::4], emb[i::4])
+        for i in range(4)
+    ]
+    assert _rel(sum(parts), total) < 1e-12
+
+
+def test_membership_subsamples_per_probe(digits):
+    images, labels, keys = digits
+    bank = ProbeBank(small_spec(statistics=("emb",), real_per_probe=20, probes=8))
+    stats = _accumulate(bank, images, labels, keys, None)
+    # about M = 20 images per class per probe, different images for different probes
+    assert 10 < stats.count.mean().item() < 30
+    assert not torch.equal(stats.emb_sum[0], stats.emb_sum[1])
+
+
+def test_save_load_and_select_round_trip(tmp_path, digits, bank):
+    images, labels, keys = digits
+    h = pilot_bandwidths(bank, images[:200], torch.from_numpy(labels[:200]))
+    stats = _accumulate(bank, images[:200], labels[:200], keys[:200], h)
+    stats.rejected = {"s0.tar": {"undecodable image": 2}}
+    stats.save(str(tmp_path / "s.safetensors"))
+    back = ClassStats.load(str(tmp_path / "s.safetensors"))
+    assert torch.equal(back.emb_sum, stats.emb_sum)
+    assert back.rejected == stats.rejected and back.pool_keys == stats.pool_keys
+    joined = concat_classes([stats.select([0, 1, 2]), stats.select([3, 4])])
+    assert torch.equal(joined.rff_sum, stats.select([0, 1, 2, 3, 4]).rff_sum)
+
+
+def test_exact_bandwidth_matches_pairwise_distances(bank, digits):
+    images, labels, keys = digits
+    sel = labels == 3
+    h_pilot = pilot_bandwidths(bank, images[sel], torch.from_numpy(labels[sel]))
+    class_keys = [k for k, s in zip(keys, sel) if s]
+    stats = _accumulate(bank, images[sel], labels[sel], class_keys, h_pilot)
+    # every image of the class in both: the sums give the exact mean pairwise distance
+    assert _rel(stats.exact_bandwidth()[:, 3], h_pilot[:, 3]) < 1e-4
