@@ -92,7 +92,7 @@ def main() -> None:
     print("| method | IPC | s/step (bank) | DM-online ref s/step (IPC 10) | ratio |")
     print("|---|---:|---:|---:|---:|")
     for method, ipc, sec in rows:
-        print(f"| {method} | {ipc} | {sec:.4f} | {reference:.4f} | {sec / reference:.2f} |")
+        print(f"| {method} | {ipc} | {sec:.4f} | {reference:.4f} | {sec / reference:.3f} |")
 
 
 if __name__ == "__main__":
