@@ -22,12 +22,13 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 import numpy as np
 
-ROOT = "/tmp/bench_helper/stats_pass"
+ROOT = os.path.join(tempfile.gettempdir(), "condense-pipeline-bench", "stats_pass")
 
 
 def worker_rss_mib() -> float:

@@ -15,6 +15,7 @@ from condense_pipeline import storage
 from condense_pipeline.config import CondenseConfig, StatsConfig
 from condense_pipeline.datasets import Profile, data_home
 from condense_pipeline.errors import UserError
+from condense_pipeline.evaluate.loader import normalise
 from condense_pipeline.evaluate.protocol import EvalConfig, evaluate_condensed
 from condense_pipeline.formats import (
     ERROR,
@@ -159,10 +160,8 @@ def load_split(shards: str, profile: Profile) -> tuple[torch.Tensor, torch.Tenso
         if not row[ERROR]:
             images.append(row[IMAGE])
             labels.append(row[LABEL])
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(profile.mean).view(1, -1, 1, 1)
-    std = torch.tensor(profile.std).view(1, -1, 1, 1)
-    return (x - mean) / std, torch.tensor(labels)
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    return normalise(pixels, profile.mean, profile.std), torch.tensor(labels)
 
 
 def evaluate(
@@ -179,9 +178,7 @@ def evaluate(
     test_x, test_y = load_split(test or default_data(profile, TEST), profile)
     stats = load_stats(run_dir, list(range(profile.num_classes)))
     pool = [stats.pool(c)[0] for c in range(profile.num_classes)]
-    pool_x = torch.cat(pool).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(profile.mean).view(1, -1, 1, 1)
-    std = torch.tensor(profile.std).view(1, -1, 1, 1)
+    pool_x = normalise(torch.cat(pool).permute(0, 3, 1, 2), profile.mean, profile.std)
     pool_y = torch.cat([torch.full((len(p),), c) for c, p in enumerate(pool)])
     if min(len(p) for p in pool) < cond.ipc:
         pool_x = pool_y = None  # no baseline when the pool is smaller than the IPC
@@ -189,7 +186,7 @@ def evaluate(
         storage.join(folder, EXPORT_DIR),
         test_x,
         test_y,
-        None if pool_x is None else (pool_x - mean) / std,
+        pool_x,
         pool_y,
         profile,
         profile.num_classes,

@@ -161,10 +161,6 @@ def _print_stats(s: dict, reused: bool) -> None:
         say(f"  retried units: {s['retries']}")
 
 
-def _condense_cfg(profile, method, ipc, **kw) -> CondenseConfig:
-    return condense_config(profile, method, ipc, **kw)
-
-
 def _profile_of_run(run_dir: str):
     from condense_pipeline.condense.bank import BankSpec
     from condense_pipeline.pipeline.condense import read_bank
@@ -197,7 +193,7 @@ def condense(
 
     profile, bank = _profile_of_run(run_dir)
     method = method or _default_method(bank)
-    cfg = _condense_cfg(
+    cfg = condense_config(
         profile,
         method,
         ipc,
@@ -309,7 +305,7 @@ def run(
         _prepare_digits_once()
     train = _data(profile, data, TRAIN)
     method = method or _fits_method(profile, probes)
-    cond = _condense_cfg(
+    cond = condense_config(
         profile,
         method,
         ipc,

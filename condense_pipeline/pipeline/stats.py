@@ -69,7 +69,6 @@ class StatsWorker:
     """Holds one running accumulator; consumes its split of each unit's rows."""
 
     def __init__(self, spec: BankSpec, init_pool: int, counts, bandwidths, device: str):
-        torch.set_num_threads(max(1, int(torch.get_num_threads())))
         self.bank = ProbeBank(spec, device)
         self.counts = np.asarray(counts)
         self.bandwidths = bandwidths
