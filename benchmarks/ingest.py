@@ -89,7 +89,9 @@ def main() -> None:
         )
 
         t = time.perf_counter()
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False
+        )
         print(f"ray.init: {time.perf_counter() - t:.1f} s")
 
         timings = {}

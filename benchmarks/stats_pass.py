@@ -59,7 +59,12 @@ def make_dataset(n: int, folder: str) -> str:
 def start_ray() -> None:
     import ray
 
-    ray.init(include_dashboard=False, logging_level="WARNING", _temp_dir=os.path.join(ROOT, "ray"))
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        logging_level="WARNING",
+        _temp_dir=os.path.join(ROOT, "ray"),
+    )
 
 
 def child(args) -> None:

@@ -9,8 +9,8 @@ def __getattr__(name):
         from condense_pipeline.evaluate import loader
 
         return getattr(loader, name)
-    if name == "run":
-        from condense_pipeline.api import run
+    if name in ("run", "condense_dataset"):
+        from condense_pipeline import api
 
-        return run
+        return getattr(api, name)
     raise AttributeError(name)

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
 
 from condense_pipeline import storage
-from condense_pipeline.config import CondenseConfig, StatsConfig
-from condense_pipeline.datasets import Profile, data_home
+from condense_pipeline.config import CondenseConfig, StatsConfig, condense_config, stats_config
+from condense_pipeline.datasets import Profile, data_home, get_profile
 from condense_pipeline.errors import UserError
 from condense_pipeline.evaluate.loader import normalise
 from condense_pipeline.evaluate.protocol import EvalConfig, evaluate_condensed
 from condense_pipeline.formats import (
+    DATASET_JSON,
     ERROR,
     EVAL_DIR,
     EXPORT_DIR,
@@ -66,8 +66,8 @@ class RunSummary:
 
 def default_data(profile: Profile, split: str) -> str:
     """Where `prepare` put the dataset's split, with a clear line if it is not there."""
-    path = os.path.join(data_home(profile.name), split)
-    if not storage.exists(os.path.join(path, "dataset.json")):
+    path = storage.join(data_home(profile.name), split)  # the data home may be a URI
+    if not storage.exists(storage.join(path, "dataset.json")):
         how = (
             "condense-pipeline prepare digits"
             if profile.name == "digits"
@@ -80,6 +80,12 @@ def default_data(profile: Profile, split: str) -> str:
 def run(cfg: RunConfig, progress=None) -> RunSummary:
     """Run (or resume) every stage of the job; each stage skips what is already done."""
     say = progress or (lambda line: None)
+    # A wrong path or bucket fails now, before anything is written, not after hours of work
+    # (the test split is otherwise first read by the last stage).
+    for shards in (cfg.data, cfg.test):
+        if shards is not None:
+            storage.list_shards(shards)
+    storage.resolve(cfg.run_dir)  # raises on a missing bucket or a bad URI
     summary = RunSummary(cfg.run_dir, condense_dir(cfg.run_dir, cfg.condense))
     manifest = storage.join(cfg.run_dir, MANIFEST)
     record = storage.read_json(manifest) if storage.exists(manifest) else {"stages": {}}
@@ -197,6 +203,67 @@ def evaluate(
     )
 
 
+def condense_dataset(
+    ds,
+    ipc: int = 10,
+    method: str | None = None,
+    *,
+    work_dir: str,
+    image_column: str = "image",
+    label_column: str = "label",
+    key_column: str | None = None,
+    class_names: list[str] | None = None,
+    profile: str = "imagenet",
+    resolution: int | None = None,
+    probes: int | None = None,
+    real_per_probe: int | str | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    progress=None,
+):
+    """Condense a Ray Dataset of images and integer labels 0..C-1 to `ipc` images per class.
+
+    Image cells are encoded bytes or uint8 [H, W(, C)] arrays (what `ray.data.read_images`
+    gives). Settings not given come from the named `profile` (resolution, normalisation, probe
+    bank, steps), with the number of classes taken from the data. Without `key_column`, a hash
+    of the image bytes keys each image. `work_dir` (local or an object store) holds the data as
+    shards, the statistics, checkpoints and the export; calling again with the same work_dir
+    resumes, so it must hold the same data. Returns the condensed set as a Ray Dataset with the
+    export's Parquet columns (formats.PARQUET_COLUMNS).
+    """
+    from condense_pipeline.evaluate.loader import load_condensed_ray
+    from condense_pipeline.prepare.raydata import write_ray_dataset
+
+    base = get_profile(profile, resolution)
+    data = storage.join(work_dir, "data", TRAIN)
+    if storage.exists(storage.join(data, DATASET_JSON)):
+        info = read.load_dataset_info(data)
+    else:
+        info = write_ray_dataset(
+            ds,
+            base.name,
+            data,
+            channels=base.channels,
+            image_column=image_column,
+            label_column=label_column,
+            key_column=key_column,
+            class_names=class_names,
+        )
+    prof = replace(base, num_classes=len(info["classes"]))
+    method = method or prof.default_method
+    cfg = RunConfig(
+        profile=prof,
+        run_dir=work_dir,
+        data=data,
+        test=None,
+        stats=stats_config(prof, (method,), probes=probes, real_per_probe=real_per_probe),
+        condense=condense_config(prof, method, ipc, steps=steps, seed=seed),
+        evaluate=None,
+    )
+    summary = run(cfg, progress)
+    return load_condensed_ray(storage.join(summary.condense_dir, EXPORT_DIR))
+
+
 def versions() -> dict:
     import ray
 
@@ -217,4 +284,4 @@ def _jsonable(cfg: RunConfig) -> dict:
     return d
 
 
-__all__ = ["RunConfig", "run", "export", "evaluate", "default_data", "TRAIN"]
+__all__ = ["RunConfig", "run", "export", "evaluate", "condense_dataset", "default_data"]

@@ -78,6 +78,7 @@ class CondenseConfig:
     momentum: float = 0.5
     classes: tuple[int, ...] | None = None  # None: every class
     groups: int | None = None  # None: one group per worker
+    stall_timeout_s: float = 600.0  # fail when no group has made a step for this long
 
     def __post_init__(self):
         check_method(self.method)
@@ -95,9 +96,11 @@ class CondenseConfig:
         return PRESETS[self.method]
 
     def folder_name(self) -> str:
-        """Per-config folder: settings that change the images are hashed; grouping is not."""
+        """Per-config folder: settings that change the images are hashed; grouping and the
+        stall timeout are not."""
         fields = asdict(self)
         fields.pop("groups")
+        fields.pop("stall_timeout_s")
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
         return f"ipc{self.ipc}-{self.method}-{digest}"
 

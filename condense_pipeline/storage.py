@@ -3,6 +3,11 @@
 Locally every file is written to a temporary name and renamed, so a crash never leaves half a file
 under the real name. Object stores have no atomic rename: there each file is one put, and a stage
 writes its completion marker last, so readers trust only markers (DESIGN.md section 7).
+
+Object-store settings come from the environment, as the cloud SDKs define them, and never from
+code: pyarrow reads AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION and, for an S3-compatible
+server, AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3); for GCS, GOOGLE_APPLICATION_CREDENTIALS. Ray
+workers read the same files, so they need the same variables (README, "Object storage").
 """
 
 from __future__ import annotations
@@ -26,12 +31,48 @@ def is_uri(location: str) -> bool:
     return "://" in location
 
 
+# Filesystems whose first path component is a bucket.
+BUCKET_FILESYSTEMS = ("s3", "gcs")
+# (filesystem, bucket) pairs seen to exist: each process checks a bucket once, not on every call.
+# A list, not a set: pyarrow filesystems compare by their options (endpoint included) but do not
+# hash.
+_found_buckets: list[tuple[pafs.FileSystem, str]] = []
+
+
 def resolve(location: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem and the path inside it for a local path or a URI such as s3://bucket/key."""
+    """The filesystem and the path inside it for a local path or a URI such as s3://bucket/key.
+
+    A missing bucket, an unreachable endpoint or refused credentials raise a UserError here, on
+    the first touch, rather than an OSError halfway through a run.
+    """
     if is_uri(location) and not location.startswith("file://"):
-        return pafs.FileSystem.from_uri(location)
+        return _object_store(location)
     path = location.removeprefix("file://")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def _object_store(location: str) -> tuple[pafs.FileSystem, str]:
+    if "?" in location:
+        # join() appends to the path, which would land after a query string.
+        raise UserError(
+            f"{location} has URI options; set them in the environment instead "
+            "(AWS_ENDPOINT_URL, AWS_REGION, ...)"
+        )
+    try:
+        fs, path = pafs.FileSystem.from_uri(location)
+        bucket = path.split("/", 1)[0]
+        if fs.type_name in BUCKET_FILESYSTEMS and not any(
+            fs.equals(seen) and bucket == name for seen, name in _found_buckets
+        ):
+            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise UserError(f"bucket {bucket} does not exist ({location}); create it first")
+            _found_buckets.append((fs, bucket))
+    except (OSError, ValueError) as e:  # pyarrow's errors: unreachable, refused, unknown scheme
+        raise UserError(
+            f"cannot open {location}: {str(e).splitlines()[0]} (check the path, the endpoint "
+            "variable AWS_ENDPOINT_URL and the credentials)"
+        ) from None
+    return fs, path
 
 
 def join(location: str, *parts: str) -> str:

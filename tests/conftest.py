@@ -56,6 +56,7 @@ def bank():
 def ray_local():
     import ray
 
-    ray.init(num_cpus=3, include_dashboard=False, logging_level="ERROR")
+    # "local": a new Ray of our own, never a cluster another process started on this machine
+    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()

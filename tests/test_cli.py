@@ -66,3 +66,63 @@ def test_stats_dry_run_prints_the_cost_and_writes_nothing(tmp_path):
     assert "probe forwards: 287,400" in out.stdout  # K = 200 probes x 1437 images
     assert "accumulator per worker" in out.stdout
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def digits_data(tmp_path_factory):
+    from condense_pipeline.prepare import prepare_dataset
+
+    folder = tmp_path_factory.mktemp("cli") / "data"
+    prepare_dataset("digits", None, str(folder))
+    return folder
+
+
+def ok(out):
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def group_files(folder):
+    """Each condensation group's files with their modification times."""
+    return {p: p.stat().st_mtime_ns for p in folder.glob("group-*/*")}
+
+
+def test_every_command_and_a_rerun_that_resumes(digits_data, tmp_path):
+    run_dir = tmp_path / "run"
+    data, test = str(digits_data / "train"), str(digits_data / "test")
+    budget = ["--probes", "4", "--iterations", "10", "--epochs", "2", "--runs", "1"]
+    first = ok(cli("run", "digits", "--ipc", "1", "--data", data, "--test", test,
+                   "--out", str(run_dir), *budget))  # fmt: skip
+    assert "condensed" in first and "random real" in first
+    (folder,) = (run_dir / "condense").iterdir()
+    stamps = group_files(folder)
+    assert stamps
+
+    # The same command again: statistics and groups are reused, nothing recomputed.
+    again = ok(cli("run", "digits", "--ipc", "1", "--data", data, "--test", test,
+                   "--out", str(run_dir), *budget))  # fmt: skip
+    assert "statistics reused" in again
+    assert group_files(folder) == stamps
+
+    # The stages as separate commands on the same run directory.
+    stats = cli("stats", "digits", "--data", data, "--out", str(run_dir), "--method", "dm",
+                "--probes", "4")  # fmt: skip
+    assert "statistics reused" in ok(stats)
+    assert "condensed 10 images" in ok(
+        cli("condense", str(run_dir), "--ipc", "1", "--iterations", "10", "--method", "dm")
+    )
+    assert group_files(folder) == stamps
+    assert "exported 10 images" in ok(cli("export", str(folder)))
+    report = ok(cli("evaluate", str(folder), "--test", test, "--epochs", "1", "--runs", "1"))
+    assert "%" in report
+    shown = ok(cli("show", str(run_dir)))
+    assert folder.name in shown
+    plan = ok(cli("condense", str(run_dir), "--ipc", "10", "--method", "dm", "--dry-run"))
+    assert "steps" in plan
+
+    # Statistics computed with other settings are refused, saying which, and left as they were.
+    refused = cli("stats", "digits", "--data", data, "--out", str(run_dir), "--probes", "6")
+    assert refused.returncode == 2 and "probes: 4 -> 6" in refused.stderr
+    lacking = cli("condense", str(run_dir), "--ipc", "1", "--method", "m3d")
+    assert lacking.returncode == 2 and "rff" in lacking.stderr
+    assert group_files(folder) == stamps

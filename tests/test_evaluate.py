@@ -110,7 +110,7 @@ def test_load_condensed_ray(tmp_path):
     out, x = exported(tmp_path)
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         rows = load_condensed_ray(out).take_all()
     finally:
@@ -178,6 +178,27 @@ def test_evaluate_condensed_reports_and_writes(tmp_path):
     assert len(lines) == 4
     assert storage.read_json(storage.join(report_dir, formats.REPORT_JSON)) == report
     assert storage.is_done(report_dir)
+
+
+def test_runs_as_ray_tasks_give_the_same_report(tmp_path, ray_local):
+    import ray
+
+    out, _ = exported(tmp_path)
+    test_x, test_y = separable(10, seed=2)
+    train_x, train_y = separable(10, seed=3)
+    cfg = EvalConfig(epochs=3, runs=2, batch_size=8)
+    args = (out, test_x, test_y, train_x, train_y, DIGITS, 2, 4, cfg)
+    parallel = evaluate_condensed(*args)  # Ray is up: one task per run
+    ray.shutdown()
+    try:
+        serial = evaluate_condensed(*args)
+    finally:
+        ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="ERROR")
+    for part in ("condensed", "random_real"):
+        # Each run's seed fixes it; a task trains with one thread, which may flip at most one of
+        # the 20 test images (5 %) through float summation order.
+        assert len(parallel[part]["runs"]) == 2
+        assert parallel[part]["runs"] == pytest.approx(serial[part]["runs"], abs=5.01)
 
 
 def test_evaluate_condensed_refuses_another_profile(tmp_path):

@@ -491,7 +491,7 @@ def ray_local():
     if ray.is_initialized():  # another module's Ray: use it, leave it running
         yield
         return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -3,6 +3,7 @@ a UserError becomes one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -167,7 +168,9 @@ def _profile_of_run(run_dir: str):
 
     bank = read_bank(run_dir)
     spec = BankSpec.from_json(bank["spec"])
-    return get_profile(bank["profile"], spec.resolution), bank
+    # the class count comes from the data (condense_dataset runs a profile on other data)
+    profile = get_profile(bank["profile"], spec.resolution)
+    return dataclasses.replace(profile, num_classes=spec.num_classes), bank
 
 
 @app.command()
@@ -252,14 +255,18 @@ def evaluate(
     epochs: int = typer.Option(None, help="Training epochs (default: the profile's)."),
     runs: int = typer.Option(5, help="Training runs per set."),
     model: str = typer.Option("convnet", help="convnet, alexnet, vgg11 or resnet18."),
+    address: str = ADDRESS,
 ) -> None:
-    """Train on the exported set and on random real subsets; test on the real test split."""
+    """Train on the exported set and on random real subsets; test on the real test split.
+    Each training run is a Ray task, so runs go in parallel as far as the cluster allows."""
     from condense_pipeline import api
     from condense_pipeline.evaluate.protocol import EvalConfig
+    from condense_pipeline.pipeline.cluster import ensure_ray
 
     run_dir, cfg = _load_condense_dir(condense_dir)
     profile, _ = _profile_of_run(run_dir)
     ecfg = EvalConfig(model=model, epochs=epochs or profile.eval_epochs, runs=runs)
+    ensure_ray(address)
     report = api.evaluate(run_dir, cfg, profile, ecfg, test, progress=say)
     _print_report(report)
 

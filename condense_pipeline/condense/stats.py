@@ -219,8 +219,13 @@ def accumulate(
             stats_att = attention_map(act, attention_power).double()
             a_sum[k].index_add_(0, lk_dev, stats_att)
     stats.seen += torch.bincount(lab, minlength=len(stats.seen))
+    # Only images that beat a class's current largest pool hash can enter its pool; most batches
+    # hold none once the pool is full, and skipping them keeps this off the worker's hot path.
     hashes = pool_hashes(keys, spec.seed)
-    for c in np.unique(labels).tolist():
-        rows = np.nonzero(labels == c)[0]
+    if stats.pool_hash.shape[1] == 0:
+        return forwards
+    candidate = hashes < stats.pool_hash[labels, -1]
+    for c in np.unique(labels[candidate]).tolist():
+        rows = np.nonzero(candidate & (labels == c))[0]
         stats._offer(c, hashes[rows], images[torch.from_numpy(rows)].cpu(), [keys[i] for i in rows])
     return forwards

@@ -214,6 +214,46 @@ def _check_manifest(manifest: dict, profile: Profile, export_dir: str) -> None:
         )
 
 
+def _timed_run(x, y, test_x, test_y, profile, num_classes, cfg, seed) -> tuple[float, float]:
+    started = time.perf_counter()
+    accuracy = train_and_test(x, y, test_x, test_y, profile, num_classes, cfg, seed)
+    return accuracy, time.perf_counter() - started
+
+
+def _train_runs(jobs, sets, test_x, test_y, profile, num_classes, cfg, progress) -> dict:
+    """Accuracy per (set name, seed). Where Ray is running, every run is a Ray task (one GPU
+    each where there are GPUs), so runs go in parallel as far as the cluster allows; otherwise
+    they run one after another here."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    accuracy = {}
+
+    def record(job, result):
+        accuracy[job] = result[0]
+        line = f"eval {job[0]} seed {job[1]}: {result[0]:.2f}% ({result[1]:.1f} s)"
+        log.info(line)
+        if progress is not None:
+            progress(line)
+
+    if ray is None or not ray.is_initialized() or len(jobs) < 2:
+        for name, seed in jobs:
+            x, y = sets[name](seed)
+            record((name, seed), _timed_run(x, y, test_x, test_y, profile, num_classes, cfg, seed))
+        return accuracy
+    gpus = ray.cluster_resources().get("GPU", 0)
+    task = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_retries=2)(_timed_run)
+    test_refs = ray.put(test_x), ray.put(test_y)
+    pending = {
+        task.remote(*sets[name](seed), *test_refs, profile, num_classes, cfg, seed): (name, seed)
+        for name, seed in jobs
+    }
+    while pending:
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        record(pending.pop(ref), ray.get(ref))
+    return accuracy
+
+
 def evaluate_condensed(
     export_dir: str,
     test_x: torch.Tensor,
@@ -239,25 +279,21 @@ def evaluate_condensed(
     _check_manifest(condensed.manifest, profile, export_dir)
     syn_x, syn_y = condensed.tensors()
 
-    def run_all(name: str, data: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> dict:
-        accuracies = []
-        for r in range(cfg.runs):
-            seed = cfg.seed + r
-            run_started = time.perf_counter()
-            x, y = data(seed)
-            accuracies.append(train_and_test(x, y, test_x, test_y, profile, num_classes, cfg, seed))
-            line = (
-                f"eval {name} run {r + 1}/{cfg.runs}: {accuracies[-1]:.2f}% "
-                f"({time.perf_counter() - run_started:.1f} s)"
-            )
-            log.info(line)
-            if progress is not None:
-                progress(line)
-        return _summary(accuracies)
+    sets = {"condensed": lambda seed: (syn_x, syn_y)}
+    if train_x is not None and train_y is not None:
+        sets["random real"] = lambda seed: random_real_subset(
+            train_x, train_y, ipc, num_classes, seed
+        )
+    jobs = [(name, cfg.seed + r) for name in sets for r in range(cfg.runs)]
+    accuracy = _train_runs(jobs, sets, test_x, test_y, profile, num_classes, cfg, progress)
+
+    def summary(name: str) -> dict | None:
+        runs = [accuracy[job] for job in jobs if job[0] == name]
+        return _summary(runs) if runs else None
 
     report = {
-        "condensed": run_all("condensed", lambda seed: (syn_x, syn_y)),
-        "random_real": None,
+        "condensed": summary("condensed"),
+        "random_real": summary("random real"),
         "ipc": ipc,
         "epochs": cfg.epochs,
         "model": cfg.model,
@@ -271,11 +307,6 @@ def evaluate_condensed(
         "recipe": recipe(cfg, profile.augment),
         "config": dataclasses.asdict(cfg),
     }
-    if train_x is not None and train_y is not None:
-        report["random_real"] = run_all(
-            "random real",
-            lambda seed: random_real_subset(train_x, train_y, ipc, num_classes, seed),
-        )
     report["seconds"] = time.perf_counter() - started
     log.info(
         "condensed %.2f ± %.2f%% over %d runs (%d epochs)",

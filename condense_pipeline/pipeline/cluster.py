@@ -15,10 +15,12 @@ def ensure_ray(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    # "local" starts a Ray of our own: without it, ray.init joins whatever cluster `ray start`
+    # left on this machine
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     ray.init(
         address=address,
-        include_dashboard=False if address is None else None,
+        include_dashboard=False if address == "local" else None,
         logging_level=logging.WARNING,
         log_to_driver=True,
     )
@@ -50,3 +52,14 @@ def plan_workers(requested: int | None = None) -> WorkerPlan:
         return WorkerPlan(n, num_cpus=1, num_gpus=1)
     n = max(1, min(requested or cpus - 1, cpus - 1))
     return WorkerPlan(n, num_cpus=1, num_gpus=0)
+
+
+def ray_failure(e: Exception) -> str:
+    """The name of what Ray lost behind `e` (a worker, an actor, a node, objects) or of its
+    timeout; re-raises `e` when it is an error of our own code, which a rerun would repeat."""
+    from ray.exceptions import RayError, RayTaskError
+
+    cause = e.cause if isinstance(e, RayTaskError) else e
+    if not isinstance(cause, RayError):
+        raise e
+    return type(cause).__name__

@@ -1,8 +1,10 @@
 """The condensation stage on Ray: one task per class group, checkpointed, resumable.
 
 Each group's task rebuilds the probe bank from bank.json, reads only its classes' statistics,
-runs the loop, and writes its images; the group's completion marker is written last. A failed
-task is retried by Ray and resumes from its last checkpoint; a rerun skips finished groups.
+runs the loop, and writes its images; the group's completion marker is written last. The driver
+reruns a group whose task was lost (its worker or node died) from the group's last checkpoint and
+reports it; a rerun of the stage skips finished groups. Each task writes a heartbeat (its step)
+every few seconds, and the stage fails when no group has stepped for `stall_timeout_s`.
 Instance norm makes every sample independent, so the grouping does not change the images.
 """
 
@@ -12,7 +14,8 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -28,13 +31,17 @@ from condense_pipeline.config import CondenseConfig
 from condense_pipeline.errors import UserError
 from condense_pipeline.formats import BANK_JSON, CONDENSE_DIR, ERROR, IMAGE, LABEL
 from condense_pipeline.pipeline import read
-from condense_pipeline.pipeline.cluster import ensure_ray, plan_workers
+from condense_pipeline.pipeline.cluster import ensure_ray, plan_workers, ray_failure
 from condense_pipeline.pipeline.stats import load_bandwidths, load_stats, stats_dir
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.safetensors"
+HEARTBEAT = "heartbeat.json"
 RESULT = "images.safetensors"
+CHECKPOINT_EVERY = 200  # steps
+HEARTBEAT_S = 5.0  # a group's heartbeat interval, and how often the driver looks at them
+ATTEMPTS = 3  # runs of a group whose task is lost before the stage fails
 
 
 def condense_dir(run_dir: str, cfg: CondenseConfig) -> str:
@@ -85,6 +92,7 @@ class CondenseResult:
     history: list[dict]  # loss log rows with their group
     groups_run: int
     groups_skipped: int
+    retries: list[dict] = field(default_factory=list)  # {"group", "attempt", "why"} per lost task
 
 
 def run_condense(
@@ -107,19 +115,44 @@ def run_condense(
     gpu_share = (
         plan.num_gpus / max(1, math.ceil(len(groups) / plan.workers)) if plan.num_gpus else 0
     )
-    task = ray.remote(num_cpus=plan.num_cpus, num_gpus=gpu_share, max_retries=2)(condense_group)
-    pending = {}
-    skipped = 0
-    for g, group in enumerate(groups):
-        if storage.is_done(group_dir(folder, group)):
-            skipped += 1
-            continue
-        pending[task.remote(run_dir, cfg, group, g, plan.device)] = g
+    # no Ray retries: the driver reruns a lost group itself, so that it can say so
+    task = ray.remote(num_cpus=plan.num_cpus, num_gpus=gpu_share, max_retries=0)(condense_group)
+    todo = [g for g, group in enumerate(groups) if not storage.is_done(group_dir(folder, group))]
+    pending = {task.remote(run_dir, cfg, groups[g], g, plan.device): g for g in todo}
+    skipped = len(groups) - len(todo)
     say(f"condensing {len(classes)} classes in {len(groups)} groups ({skipped} already done)")
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        ray.get(done[0])  # re-raises a group's failure after Ray's retries
-        say(f"group {pending.pop(done[0]) + 1}/{len(groups)} done")
+    retries: list[dict] = []
+    beats, last_change = {}, time.monotonic()
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=HEARTBEAT_S)
+            for ref in done:
+                g = pending.pop(ref)
+                try:
+                    ray.get(ref)  # re-raises a failure of our own code
+                    say(f"group {g + 1}/{len(groups)} done")
+                except ray.exceptions.RayError as e:
+                    why = ray_failure(e)
+                    attempt = sum(r["group"] == g for r in retries) + 1
+                    retries.append({"group": g, "attempt": attempt, "why": why})
+                    if attempt == ATTEMPTS:
+                        raise UserError(
+                            f"condense stage failed: group {g} was lost {ATTEMPTS} times ({why})"
+                        ) from None
+                    say(f"group {g + 1}: task lost ({why}); rerunning it from its checkpoint")
+                    pending[task.remote(run_dir, cfg, groups[g], g, plan.device)] = g
+            now = {g: _heartbeat(folder, groups[g]) for g in pending.values()}
+            if done or now != beats:
+                beats, last_change = now, time.monotonic()
+            elif time.monotonic() - last_change > cfg.stall_timeout_s:
+                raise UserError(
+                    f"condense stage stalled: no group made a step for {cfg.stall_timeout_s:.0f} "
+                    f"s ({len(pending)} of {len(groups)} groups unfinished); check that the "
+                    "cluster has room for the group tasks"
+                )
+    finally:
+        for ref in pending:  # a failed stage leaves no tasks behind
+            ray.cancel(ref, force=True)
     images, labels, history = [], [], []
     for g, group in enumerate(groups):
         t = st_load(storage.read_bytes(storage.join(group_dir(folder, group), RESULT)))
@@ -127,7 +160,7 @@ def run_condense(
         labels.append(torch.tensor(group).repeat_interleave(cfg.ipc))
         history += [{**row, "group": g} for row in _json(t["history"])]
     return CondenseResult(
-        folder, torch.cat(images), torch.cat(labels), history, len(groups) - skipped, skipped
+        folder, torch.cat(images), torch.cat(labels), history, len(todo), skipped, retries
     )
 
 
@@ -135,6 +168,12 @@ def group_dir(folder: str, classes: list[int]) -> str:
     """A group's folder is named by its classes, so a different grouping never reuses it."""
     digest = hashlib.sha1(",".join(map(str, classes)).encode()).hexdigest()[:8]
     return storage.join(folder, f"group-{classes[0]:05d}-{digest}")
+
+
+def _heartbeat(folder: str, classes: list[int]) -> int:
+    """The step a group's task last reported (-1 before its first)."""
+    path = storage.join(group_dir(folder, classes), HEARTBEAT)
+    return storage.read_json(path)["step"] if storage.exists(path) else -1
 
 
 def _json(t: torch.Tensor):
@@ -188,6 +227,17 @@ def condense_group(
         targets = BankTargets(bank, stats, classes, load_bandwidths(run_dir), cfg)
     else:
         targets = OnlineTargets(real_images(bank_json, classes), bank, cfg)
+    beat = storage.join(out, HEARTBEAT)
+    last_beat = 0.0
+
+    def on_step(s: LoopState) -> None:
+        nonlocal last_beat
+        if s.step % CHECKPOINT_EVERY == 0 or s.step == cfg.steps:
+            _save_state(ckpt, s)
+        if time.monotonic() - last_beat > HEARTBEAT_S:
+            storage.write_json(beat, {"step": s.step})
+            last_beat = time.monotonic()
+
     lr = torch.full((1, spec.channels, 1, 1), cfg.lr, device=device)
     if cfg.preset.lr_pixel_space:  # M3D's lr is for [0, 1] pixels: lr / std^2 per channel
         lr = lr / torch.tensor(spec.std, device=device).view(1, -1, 1, 1) ** 2
@@ -198,7 +248,8 @@ def condense_group(
         lr,
         bank.pixel_low,
         bank.pixel_high,
-        checkpoint=lambda s: _save_state(ckpt, s),
+        checkpoint=on_step,
+        checkpoint_every=1,  # on_step decides what to write
         progress=lambda line: log.info("group %d: %s", g, line),
         log_every=max(1, cfg.steps // 20),
     )
@@ -206,6 +257,7 @@ def condense_group(
     storage.write_bytes(storage.join(out, RESULT), st_save(result))
     storage.mark_done(out, {"classes": classes, "steps": state.step})
     storage.delete(ckpt)
+    storage.delete(beat)
 
 
 def real_images(bank_json: dict, classes: list[int]) -> list[torch.Tensor]:

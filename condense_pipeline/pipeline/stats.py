@@ -1,17 +1,21 @@
 """The statistics stage on Ray: shards -> decoded images -> StatsWorker actors -> ClassStats.
 
 Shards are processed in work units. Per unit, Ray Data reads and decodes the unit's shards on CPU
-tasks and `streaming_split`s the rows into the workers, each adding to its one running
-accumulator. Then every worker writes its accumulator as a new checkpoint, and only after that the
-driver records the unit as done together with those checkpoint names (progress.json). A crash
-therefore never counts a unit twice or loses one, and a rerun skips committed units. A watchdog
-reruns a unit whose workers stop making progress or die (DESIGN.md section 7).
+tasks and the driver hands each decoded block (a reference, not the rows) to the least loaded
+worker, which adds it to its one running accumulator. (Not `streaming_split`: its coordinator
+actor costs seconds per unit, and it stalls when a consumer dies.) Then every worker writes its
+accumulator as a new checkpoint, and only after that the driver records the unit as done together
+with those checkpoint names (progress.json). A crash therefore never counts a unit twice or loses
+one, and a rerun skips committed units. A watchdog reruns a unit whose workers stop making
+progress or die (DESIGN.md section 7).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import queue
+import threading
 import time
 from dataclasses import dataclass
 
@@ -26,13 +30,16 @@ from condense_pipeline.datasets import Profile
 from condense_pipeline.errors import UserError
 from condense_pipeline.formats import BANK_JSON, ERROR, IMAGE, KEY, LABEL, SHARD, STATS_DIR
 from condense_pipeline.pipeline import read
-from condense_pipeline.pipeline.cluster import ensure_ray, plan_workers
+from condense_pipeline.pipeline.cluster import ensure_ray, plan_workers, ray_failure
 
 log = logging.getLogger(__name__)
 
 PROGRESS_JSON = "progress.json"
 BANDWIDTHS = "bandwidths.safetensors"
 CLASSES_PER_FILE = 100
+# Blocks queued on each worker: one running, one fetched and waiting, so a worker never idles
+# while the driver hands out the next block.
+BLOCKS_PER_WORKER = 2
 
 
 def stats_dir(run_dir: str) -> str:
@@ -66,7 +73,7 @@ def bank_spec(profile: Profile, cfg: StatsConfig) -> BankSpec:
 
 # -- the worker --------------------------------------------------------------------------------
 class StatsWorker:
-    """Holds one running accumulator; consumes its split of each unit's rows."""
+    """Holds one running accumulator; the driver hands it blocks of decoded rows."""
 
     def __init__(self, spec: BankSpec, init_pool: int, counts, bandwidths, device: str):
         self.bank = ProbeBank(spec, device)
@@ -74,7 +81,6 @@ class StatsWorker:
         self.bandwidths = bandwidths
         self.init_pool = init_pool
         self.stats = ClassStats.zeros(self.bank, init_pool)
-        self.rows = 0
 
     def load(self, checkpoints: list[str]) -> None:
         """Start from the sum of committed checkpoints (none: from zero)."""
@@ -82,9 +88,14 @@ class StatsWorker:
         for path in checkpoints:
             self.stats = self.stats + ClassStats.load(path, self.bank.device)
 
-    def consume(self, rows, batch_size: int) -> int:
+    def consume(self, block, batch_size: int) -> int:
+        """Add one block of decoded rows; returns the probe forwards it took."""
+        from ray.data.block import BlockAccessor
+
+        rows = BlockAccessor.for_block(block).to_numpy()
         forwards = 0
-        for batch in rows.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        for start in range(0, len(rows[ERROR]), batch_size):
+            batch = {k: v[start : start + batch_size] for k, v in rows.items()}
             errors = batch[ERROR]
             for shard, err in zip(batch[SHARD][errors != ""], errors[errors != ""]):
                 kinds = self.stats.rejected.setdefault(str(shard), {})
@@ -102,11 +113,7 @@ class StatsWorker:
                     self.bandwidths,
                     self.bank.spec.attention_power,
                 )
-            self.rows += len(errors)
         return forwards
-
-    def progress(self) -> int:
-        return self.rows
 
     def save(self, location: str) -> None:
         self.stats.save(location)
@@ -241,43 +248,50 @@ def run_stats(
         if storage.exists(progress_path)
         else {"done_units": [], "checkpoints": [], "forwards": 0, "retries": []}
     )
-    Worker = ray.remote(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_concurrency=2)(
-        StatsWorker
-    )
+    # one call at a time: the calls of a worker add to the same accumulator
+    Worker = ray.remote(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus)(StatsWorker)
 
     def start_workers():
         ws = [
             Worker.remote(spec, cfg.init_pool, counts, bandwidths, torch_device)
             for _ in range(plan.workers)
         ]
-        ray.get([w.load.remote(state["checkpoints"][i :: len(ws)]) for i, w in enumerate(ws)])
+        loads = [w.load.remote(state["checkpoints"][i :: len(ws)]) for i, w in enumerate(ws)]
+        try:
+            ray.get(loads, timeout=cfg.stall_timeout_s)
+        except ray.exceptions.RayError as e:  # its node was lost, or no room for it (timeout)
+            for w in ws:
+                ray.kill(w)
+            raise _UnitFailed(f"workers did not start: {ray_failure(e)}") from e
         return ws
 
-    workers = start_workers()
+    workers = []
     for u, unit in enumerate(units):
         if u in state["done_units"]:
             continue
         for attempt in range(3):
             try:
+                workers = workers or start_workers()
                 forwards = _run_unit(workers, unit, profile, cfg, say, u, len(units))
+                # commit: checkpoints first (a worker lost before its checkpoint takes its part
+                # of the unit along: the unit is rerun), then the record that names them
+                names = [
+                    storage.join(folder, "partial", f"u{u:05d}-w{i}.safetensors")
+                    for i in range(len(workers))
+                ]
+                _save_checkpoints(workers, names, cfg.stall_timeout_s)
                 break
             except _UnitFailed as failure:
                 state["retries"].append({"unit": u, "attempt": attempt + 1, "why": str(failure)})
                 say(f"unit {u}: {failure}; rebuilding workers and rerunning the unit")
                 for w in workers:
                     ray.kill(w)
+                workers = []
                 if attempt == 2:
                     raise UserError(
                         f"stats stage stalled: unit {u} failed 3 times ({failure})"
                     ) from None
-                workers = start_workers()
-        # commit: checkpoints first, then the record that names them
-        stamp = f"u{u:05d}"
-        names = [
-            storage.join(folder, "partial", f"{stamp}-w{i}.safetensors")
-            for i in range(len(workers))
-        ]
-        ray.get([w.save.remote(n) for w, n in zip(workers, names)])
+                plan = plan_workers(cfg.workers)  # from what is left after a lost node
         old = state["checkpoints"]
         state = {
             **state,
@@ -335,28 +349,94 @@ class _UnitFailed(Exception):
     pass
 
 
-def _run_unit(workers, unit, profile, cfg, say, u, n_units) -> int:
+def _save_checkpoints(workers, names: list[str], timeout: float) -> None:
     import ray
-    from ray.exceptions import RayActorError
 
+    try:
+        ray.get([w.save.remote(n) for w, n in zip(workers, names)], timeout=timeout)
+    except ray.exceptions.RayError as e:
+        raise _UnitFailed(f"a worker was lost before its checkpoint: {ray_failure(e)}") from e
+
+
+def _run_unit(workers, unit, profile, cfg, say, u, n_units) -> int:
+    """Stream the unit's decoded blocks to the workers, each block to the least loaded worker.
+
+    Ray Data reads and decodes on CPU tasks; the driver only passes block references, so rows
+    go from the object store to a worker once. A worker that dies fails its call at once (a
+    streaming_split would stall on it), and a reader thread keeps the driver able to notice
+    a unit that makes no progress at all.
+    """
+    blocks: queue.Queue = queue.Queue(maxsize=len(workers) * BLOCKS_PER_WORKER)
+    stop = threading.Event()
     ds = read.read_images(unit, profile, profile.num_classes)
-    splits = ds.streaming_split(len(workers), equal=False)
-    refs = [w.consume.remote(it, cfg.batch_size) for w, it in zip(workers, splits)]
-    last, last_change = -1, time.monotonic()
-    while True:
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=2.0)
-        try:
-            if len(done) == len(refs):
-                forwards = sum(ray.get(refs))
-                say(f"unit {u + 1}/{n_units} done ({len(unit)} shards)")
-                return forwards
-            rows = sum(ray.get([w.progress.remote() for w in workers], timeout=30))
-        except (RayActorError, ray.exceptions.GetTimeoutError) as e:
-            raise _UnitFailed(f"a worker died or stopped answering: {type(e).__name__}") from e
-        if rows != last:
-            last, last_change = rows, time.monotonic()
+    threading.Thread(target=_feed_blocks, args=(ds, blocks, stop), daemon=True).start()
+    try:
+        return _dispatch(workers, blocks, cfg, say, u, n_units, len(unit))
+    finally:
+        stop.set()  # a failed unit's reader stops, and Ray Data shuts its execution down
+
+
+def _dispatch(workers, blocks, cfg, say, u, n_units, n_shards) -> int:
+    import ray
+    from ray.exceptions import RayError
+
+    load = [0] * len(workers)
+    calls: dict = {}  # call ref -> worker index
+    forwards, last_change, feeding = 0, time.monotonic(), True
+    while feeding or calls:
+        progressed = False
+        while feeding and min(load) < BLOCKS_PER_WORKER:
+            try:
+                block = blocks.get(timeout=0.05 if calls else 2.0)
+            except queue.Empty:
+                break
+            if isinstance(block, BaseException):
+                raise _UnitFailed(f"reading the unit failed: {block}")
+            if block is None:
+                feeding = False
+                break
+            i = load.index(min(load))
+            calls[workers[i].consume.remote(block, cfg.batch_size)] = i
+            load[i] += 1
+            progressed = True
+        if calls:
+            done, _ = ray.wait(list(calls), num_returns=1, timeout=0.0 if progressed else 2.0)
+            for ref in done:
+                load[calls.pop(ref)] -= 1
+                try:
+                    forwards += ray.get(ref)
+                except RayError as e:
+                    raise _UnitFailed(f"a worker died or failed: {ray_failure(e)}") from e
+                progressed = True
+        if progressed:
+            last_change = time.monotonic()
         elif time.monotonic() - last_change > cfg.stall_timeout_s:
             raise _UnitFailed(f"no progress for {cfg.stall_timeout_s:.0f} s")
+    say(f"unit {u + 1}/{n_units} done ({n_shards} shards)")
+    return forwards
+
+
+def _feed_blocks(ds, blocks: queue.Queue, stop: threading.Event) -> None:
+    """Put the dataset's block references on `blocks`, then None (or the exception raised);
+    gives up once `stop` is set."""
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                blocks.put(item, timeout=1.0)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    try:
+        for bundle in ds.iter_internal_ref_bundles():
+            for block in bundle.block_refs:
+                if not put(block):
+                    return
+        put(None)
+    except Exception as e:  # handed to the driver's loop, which fails the unit
+        put(e)
 
 
 def _pilot_task(spec: BankSpec, images, labels, device: str):

