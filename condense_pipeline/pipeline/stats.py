@@ -284,6 +284,7 @@ def run_stats(
             except _UnitFailed as failure:
                 state["retries"].append({"unit": u, "attempt": attempt + 1, "why": str(failure)})
                 say(f"unit {u}: {failure}; rebuilding workers and rerunning the unit")
+                _wait_for_verdicts(workers, cfg.stall_timeout_s)
                 for w in workers:
                     ray.kill(w)
                 workers = []
@@ -347,6 +348,26 @@ def class_file(start: int) -> str:
 
 class _UnitFailed(Exception):
     pass
+
+
+def _wait_for_verdicts(workers, timeout: float) -> None:
+    """Wait while Ray holds a worker 'unavailable'. A worker on a lost node is that until the
+    node is declared dead, and until then the cluster's resources still count the node: workers
+    sized from them would take the CPUs the reads need, and the rerun would stall."""
+    import ray
+    from ray.exceptions import ActorUnavailableError, RayError
+
+    deadline = time.monotonic() + timeout
+    for w in workers:
+        while time.monotonic() < deadline:
+            try:
+                ray.get(w.__ray_ready__.remote(), timeout=5)
+            except ActorUnavailableError:
+                time.sleep(1)
+                continue
+            except RayError:
+                pass  # dead (its node no longer counted), or alive but busy
+            break
 
 
 def _save_checkpoints(workers, names: list[str], timeout: float) -> None:
