@@ -7,8 +7,12 @@ protocol (evaluate/protocol.py) next to the random-real baseline (IPC whole real
 from the init pool, the same protocol, the same seeds as `condense-pipeline evaluate`). One
 statistics pass per dataset (`--method all`) serves every row of that dataset. Part `online`:
 MNIST, IPC 10, dm with the probe bank against `--targets online` (a fresh network and real batch
-every step) at the same number of steps. Part `sweep`: MNIST, IPC 10, dm, the bank's accuracy as
-K (probes) and M (real images per class per probe) vary; one statistics pass per (K, M).
+every step; `--online-batch` real images per class per step) at the same number of steps. Part
+`sweep`: MNIST, IPC 10, dm, the bank's accuracy as K (probes) and M (real images per class per
+probe) vary (`--sweep 200x16,10x256,...`); one statistics pass per (K, M).
+
+The parts can run as separate processes on separate JSON files (`--datasets`, `--parts`,
+`--json`); `--tables-only` prints the tables of a JSON file without running anything.
 
 The budget is reduced to fit a 2-core CPU (BUDGETS below, overridable for MNIST); the papers'
 budget (20k condensation steps, 1000 evaluation epochs, 5 x 20 evaluation runs) is not run here.
@@ -275,20 +279,24 @@ def main_part(s: Setting, results: Results) -> None:
         results.get_or_run(f"random/{s.name}/ipc{ipc}", random_baseline, s, run_dir, ipc)
 
 
-def online_part(s: Setting, results: Results, batch_real: int) -> None:
+def online_part(s: Setting, results: Results, batches: list[int]) -> None:
     """Bank against online at IPC 10 with dm; the bank's row is the main part's."""
     run_dir = os.path.join(s.work, "runs", s.name)
     b = s.budget
     args = (s, "dm", 10, run_dir, b.probes, b.real_per_probe, METHODS)
     bank = results.get_or_run(f"main/{s.name}/ipc10/dm", condense_and_evaluate, *args)
-    online = results.get_or_run(
-        f"online/{s.name}/ipc10/dm/b{batch_real}",
-        condense_and_evaluate,
-        *args,
-        targets="online",
-        batch_real=batch_real,
-    )
-    say(f"bank {bank['condensed']['mean']:.2f}% vs online {online['condensed']['mean']:.2f}%")
+    for batch_real in batches:
+        online = results.get_or_run(
+            f"online/{s.name}/ipc10/dm/b{batch_real}",
+            condense_and_evaluate,
+            *args,
+            targets="online",
+            batch_real=batch_real,
+        )
+        say(
+            f"bank {bank['condensed']['mean']:.2f}% vs online ({batch_real} real per class per "
+            f"step) {online['condensed']['mean']:.2f}%"
+        )
 
 
 def sweep_part(s: Setting, results: Results, points: list[tuple[int, int | None]]) -> None:
@@ -368,8 +376,9 @@ def main() -> None:
     parser.add_argument("--mnist-steps", type=int, default=None)
     parser.add_argument("--mnist-epochs", type=int, default=None)
     parser.add_argument("--mnist-runs", type=int, default=None)
-    parser.add_argument("--online-batch", type=int, default=64, help="real images/class/step")
-    parser.add_argument("--sweep", default="10x16,50x16,200x16,10x64,10x256", help="KxM,...")
+    parser.add_argument("--online-batch", default="16,64", help="real images/class/step, ...")
+    parser.add_argument("--sweep", default="200x16,10x256,10x64,50x16", help="KxM,...")
+    parser.add_argument("--tables-only", action="store_true", help="print the JSON's tables")
     args = parser.parse_args()
 
     budgets = dict(BUDGETS)
@@ -381,9 +390,10 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "budgets": {k: dataclasses.asdict(v) for k, v in budgets.items()},
-        "online_batch": args.online_batch,
     }
     results = Results(args.json or os.path.join(args.work, "results.json"), header)
+    if args.tables_only:
+        return print_tables(results)
     parts = args.parts.split(",")
     started = time.perf_counter()
     for name in args.datasets.split(","):
@@ -395,7 +405,7 @@ def main() -> None:
         if "main" in parts:
             main_part(s, results)
         if name == "mnist" and "online" in parts:
-            online_part(s, results, args.online_batch)
+            online_part(s, results, [int(b) for b in args.online_batch.split(",")])
         if name == "mnist" and "sweep" in parts:
             sweep_part(s, results, parse_points(args.sweep))
     say(f"\nwall time of this invocation: {time.perf_counter() - started:.0f} s")

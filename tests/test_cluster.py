@@ -2,7 +2,8 @@
 CPU and a 150 MiB object store each): the stages across nodes give what one node gives, a node
 lost during statistics or condensation costs a rerun of its unit or group and nothing else, a
 killed driver's run resumes from committed units and group checkpoints, and the CLI runs as a
-`ray job submit` job. Only the first test runs in `make test`; the others are marked `cluster`."""
+`ray job submit` job. The first, short one runs in `make test`; the rest are marked `cluster`
+(`make test-cluster`)."""
 
 import os
 import pickle
@@ -222,8 +223,7 @@ def _assert_images_close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) ->
     assert (a - b).abs().max().item() < tol
 
 
-# -- across nodes, with a node lost during statistics (meant for `make test`; see the note) -------
-@pytest.mark.cluster
+# -- in `make test`: across nodes, with a node lost during statistics -----------------------------
 def test_stats_and_condense_across_nodes_survive_a_lost_node(cluster, shards, tmp_path):
     _restore(cluster)
     run_dir = str(tmp_path / "run")
