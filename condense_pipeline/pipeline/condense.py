@@ -4,7 +4,8 @@ Each group's task rebuilds the probe bank from bank.json, reads only its classes
 runs the loop, and writes its images; the group's completion marker is written last. The driver
 reruns a group whose task was lost (its worker or node died) from the group's last checkpoint and
 reports it; a rerun of the stage skips finished groups. Each task writes a heartbeat (its step)
-every few seconds, and the stage fails when no group has stepped for `stall_timeout_s`.
+when it starts, once its targets are built and every few seconds while stepping; the stage fails
+when no group has sent one for `stall_timeout_s`.
 Instance norm makes every sample independent, so the grouping does not change the images.
 """
 
@@ -170,10 +171,10 @@ def group_dir(folder: str, classes: list[int]) -> str:
     return storage.join(folder, f"group-{classes[0]:05d}-{digest}")
 
 
-def _heartbeat(folder: str, classes: list[int]) -> int:
-    """The step a group's task last reported (-1 before its first)."""
+def _heartbeat(folder: str, classes: list[int]) -> dict | None:
+    """A group task's last heartbeat (its step and time), None before its first."""
     path = storage.join(group_dir(folder, classes), HEARTBEAT)
-    return storage.read_json(path)["step"] if storage.exists(path) else -1
+    return storage.read_json(path) if storage.exists(path) else None
 
 
 def _json(t: torch.Tensor):
@@ -206,10 +207,14 @@ def condense_group(
 ) -> None:
     """Condense one group of classes and write its images (runs as a Ray task, or in process)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = group_dir(condense_dir(run_dir, cfg), classes)
+    beat = storage.join(out, HEARTBEAT)
+    # A beat at start and once the targets are built, so that start-up (online mode decodes the
+    # training set) does not count as a stall.
+    storage.write_json(beat, {"step": -1, "at": time.time()})
     bank_json = read_bank(run_dir)
     spec = BankSpec.from_json(bank_json["spec"])
     bank = ProbeBank(spec, device)
-    out = group_dir(condense_dir(run_dir, cfg), classes)
     ckpt = storage.join(out, CHECKPOINT)
     stats = load_stats(run_dir, classes, device)
     if storage.exists(ckpt):
@@ -227,15 +232,15 @@ def condense_group(
         targets = BankTargets(bank, stats, classes, load_bandwidths(run_dir), cfg)
     else:
         targets = OnlineTargets(real_images(bank_json, classes), bank, cfg)
-    beat = storage.join(out, HEARTBEAT)
-    last_beat = 0.0
+    storage.write_json(beat, {"step": state.step, "at": time.time()})
+    last_beat = time.monotonic()
 
     def on_step(s: LoopState) -> None:
         nonlocal last_beat
         if s.step % CHECKPOINT_EVERY == 0 or s.step == cfg.steps:
             _save_state(ckpt, s)
         if time.monotonic() - last_beat > HEARTBEAT_S:
-            storage.write_json(beat, {"step": s.step})
+            storage.write_json(beat, {"step": s.step, "at": time.time()})
             last_beat = time.monotonic()
 
     lr = torch.full((1, spec.channels, 1, 1), cfg.lr, device=device)
