@@ -236,8 +236,7 @@ def merge_peak(probes: int, workers: int = 2) -> dict:
 def hash_seconds(batch: int = 512, probes: int = 100) -> float:
     """Seconds per batch of the two keyed hashes per key and the K membership draws, the part of
     `accumulate`'s overhead that does not depend on the classes."""
-    from condense_pipeline.condense.bank import key_hashes, probe_uniforms
-    from condense_pipeline.condense.stats import pool_hashes
+    from condense_pipeline.condense.sampling import key_hashes, pool_hashes, probe_uniforms
 
     keys = [f"k{i}" for i in range(batch)]
     return timed(lambda: (probe_uniforms(key_hashes(keys, 0), probes), pool_hashes(keys, 0)), 5)

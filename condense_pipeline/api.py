@@ -35,7 +35,7 @@ from condense_pipeline.pipeline.condense import (
     run_condense,
 )
 from condense_pipeline.pipeline.export import export_condensed
-from condense_pipeline.pipeline.stats import StatsResult, load_stats, run_stats
+from condense_pipeline.pipeline.stats import StatsResult, load_pools, run_stats
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class RunSummary:
     condense_dir: str
     seconds: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
+    condense: dict = field(default_factory=dict)  # groups run and reused, lost tasks rerun
     report: dict | None = None
 
 
@@ -123,6 +124,7 @@ def run(cfg: RunConfig, progress=None) -> RunSummary:
         "condense",
         lambda: run_condense(cfg.run_dir, cfg.condense, address=cfg.address, progress=say),
     )
+    summary.condense = result.summary()
     stage("export", lambda: export(cfg.run_dir, cfg.condense, cfg.profile, result))
     if cfg.evaluate is not None:
         summary.report = stage(
@@ -130,6 +132,7 @@ def run(cfg: RunConfig, progress=None) -> RunSummary:
             lambda: evaluate(cfg.run_dir, cfg.condense, cfg.profile, cfg.evaluate, cfg.test, say),
         )
     record["stats"] = summary.stats
+    record["condense"] = summary.condense
     storage.write_json(manifest, record)
     return summary
 
@@ -182,8 +185,7 @@ def evaluate(
     drawn from the init pool (itself a uniform random sample of each class)."""
     folder = condense_dir(run_dir, cond)
     test_x, test_y = load_split(test or default_data(profile, TEST), profile)
-    stats = load_stats(run_dir, list(range(profile.num_classes)))
-    pool = [stats.pool(c)[0] for c in range(profile.num_classes)]
+    pool = load_pools(run_dir, profile.num_classes)
     pool_x = normalise(torch.cat(pool).permute(0, 3, 1, 2), profile.mean, profile.std)
     pool_y = torch.cat([torch.full((len(p),), c) for c, p in enumerate(pool)])
     if min(len(p) for p in pool) < cond.ipc:

@@ -7,8 +7,9 @@ import numpy as np
 import torch
 from conftest import small_spec
 
-from condense_pipeline.condense.bank import ProbeBank, key_hashes, probe_uniforms
+from condense_pipeline.condense.bank import ProbeBank
 from condense_pipeline.condense.losses import gaussian_kernel
+from condense_pipeline.condense.sampling import key_hashes, probe_uniforms
 
 WEIGHTS_SCRIPT = """
 import sys, hashlib

@@ -41,7 +41,8 @@ def shards(tmp_path_factory):
 
 
 def _cfg(**kw):
-    base = dict(probes=4, init_pool=8, shards_per_unit=3, workers=2)
+    # M = 40 of about 144 per class: the readers leave some images undecoded (read.UNUSED)
+    base = dict(probes=4, real_per_probe=40, init_pool=8, shards_per_unit=3, workers=2)
     return replace(stats_config(PROFILE, ("dm", "m3d", "datadam")), **{**base, **kw})
 
 

@@ -15,7 +15,9 @@ from condense_pipeline.datasets import get_profile
 from condense_pipeline.errors import UserError
 from condense_pipeline.formats import DATASET_JSON, ERROR, IMAGE, KEY, LABEL, SHARD
 from condense_pipeline.pipeline.read import (
+    UNUSED,
     ReadSummary,
+    check_raw,
     check_rejects,
     decode_image,
     decode_row,
@@ -377,6 +379,24 @@ def test_ray_read_matches_the_plain_reader(shard_set, ray_local):
         np.testing.assert_array_equal(rows[key][IMAGE], row[IMAGE])
     assert rows["g00"][IMAGE].dtype == np.uint8 and rows["g00"][IMAGE].shape == (32, 32, 3)
     assert not any(m.exists() for m in shard_set["markers"])
+
+
+def test_ray_read_leaves_unwanted_samples_undecoded(shard_set, ray_local):
+    ds = read_images(shard_set["shards"], CIFAR, 10, wanted=lambda keys, labels: labels % 2 == 0)
+    rows = {r[KEY]: r for r in ds.take_all()}
+    plain = {r[KEY]: r for r in iter_decoded(shard_set["shards"], CIFAR, 10)}
+    assert rows.keys() == plain.keys()
+    raws = [raw for shard in shard_set["shards"] for raw in iter_shard(shard)]
+    unused = 0
+    for raw in raws:
+        got, row, label = rows[raw[KEY]], plain[raw[KEY]], check_raw(raw, 10)
+        if isinstance(label, int) and label % 2:  # not wanted: not decoded, so not checked
+            assert got[ERROR] == UNUSED and got[LABEL] == label and not got[IMAGE].any()
+            unused += 1
+        else:  # rejects found before decoding, and wanted samples: as without `wanted`
+            assert got[ERROR] == row[ERROR] and got[LABEL] == row[LABEL]
+            np.testing.assert_array_equal(got[IMAGE], row[IMAGE])
+    assert unused > 0
 
 
 def test_ray_read_of_prepared_digits(tmp_path, ray_local):

@@ -5,6 +5,7 @@ import torch
 from conftest import small_spec
 
 from condense_pipeline.condense.bank import ProbeBank, pilot_bandwidths
+from condense_pipeline.condense.sampling import EMPTY_HASH, pool_hashes, pool_limit
 from condense_pipeline.condense.stats import ClassStats, accumulate
 from condense_pipeline.pipeline.stats import concat_classes
 
@@ -50,6 +51,17 @@ def test_merge_is_exact_on_the_same_embeddings(bank):
         for i in range(4)
     ]
     assert _rel(sum(parts), total) < 1e-12
+
+
+def test_pool_limit_lets_the_bottom_p_through_and_little_else():
+    hashes = np.sort(pool_hashes([f"k{i}" for i in range(100_000)], seed=3))
+    for P in (1, 10, 40):
+        limit = pool_limit([100_000], P)[0]
+        passed = int((hashes < limit).sum())
+        assert passed >= P and 0.7 * (4 * P + 64) < passed < 1.3 * (4 * P + 64)
+    # a class no bigger than 4P + 64 passes whole
+    assert pool_limit([50, 104, 105], 10).tolist()[:2] == [EMPTY_HASH, EMPTY_HASH]
+    assert pool_limit([50, 104, 105], 10)[2] < EMPTY_HASH
 
 
 def test_membership_subsamples_per_probe(digits):

@@ -158,8 +158,14 @@ def _print_stats(s: dict, reused: bool) -> None:
     )
     for shard, reasons in s["rejected"].items():
         say(f"  skipped in {shard}: {', '.join(f'{n} {r}' for r, n in reasons.items())}")
-    if s.get("retries"):
-        say(f"  retried units: {s['retries']}")
+    for r in s.get("retries", []):
+        say(f"  unit {r['unit'] + 1} rerun (attempt {r['attempt'] + 1}): {r['why']}")
+
+
+def _print_condense(c: dict) -> None:
+    say(f"condense: {c['groups_run']} group(s) run, {c['groups_reused']} reused")
+    for r in c["retries"]:
+        say(f"  group {r['group'] + 1} rerun (attempt {r['attempt'] + 1}): {r['why']}")
 
 
 def _profile_of_run(run_dir: str):
@@ -218,6 +224,7 @@ def condense(
             say(line)
         return
     result = run_condense(run_dir, cfg, address=address, progress=say)
+    _print_condense(result.summary())
     say(f"condensed {len(result.labels)} images into {result.folder}")
 
 
@@ -353,6 +360,7 @@ def run(
     )
     summary = api.run(cfg, progress=say)
     _print_stats(summary.stats, summary.stats["reused"])
+    _print_condense(summary.condense)
     say("time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary.seconds.items()))
     if summary.report:
         _print_report(summary.report)

@@ -5,15 +5,14 @@ machine rebuilds the same probe without anything being shipped (DESIGN.md sectio
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 
 from condense_pipeline.condense import augment
 from condense_pipeline.condense.networks import ConvNet
+from condense_pipeline.condense.sampling import derive_seed
 from condense_pipeline.errors import UserError
 
 # M3D's kernel is a sum of 5 Gaussians with bandwidths h*m (mul_factor 2 around the mean distance).
@@ -22,44 +21,6 @@ STATISTICS = ("emb", "rff", "att")  # what a bank can hold: DM needs emb; M3D rf
 # M3D also keeps the embedding sums: with the squared norms they give the exact bandwidth, to
 # report how far the pilot's estimate was.
 NEEDS = {"dm": ("emb",), "m3d": ("emb", "rff"), "datadam": ("att", "emb")}
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any tuple of parts, stable across processes (never Python's hash())."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def key_hashes(keys: list[str], seed: int) -> np.ndarray:
-    """A keyed 64-bit blake2b hash per sample key: uint64 [n]."""
-    salt = seed.to_bytes(8, "little", signed=False)
-    return np.array(
-        [
-            int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8, key=salt).digest(), "little")
-            for k in keys
-        ],
-        dtype=np.uint64,
-    )
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
-def probe_uniforms(hashes: np.ndarray, probes: int) -> np.ndarray:
-    """u(key_i, k) in [0, 1) for every sample and probe: float64 [n, probes].
-
-    One blake2b per key, then a splitmix64 finaliser per (key, probe): stable, keyed, vectorised.
-    """
-    with np.errstate(over="ignore"):
-        mixed = hashes[:, None] ^ (
-            np.arange(1, probes + 1, dtype=np.uint64)[None, :] * np.uint64(0xD1B54A32D192ED03)
-        )
-    return (_splitmix64(mixed) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 @dataclass(frozen=True)
@@ -185,15 +146,6 @@ class ProbeBank:
         R_b = self.spec.rff_dim // len(BANDWIDTH_MULTIPLIERS)
         proj = (emb @ basis) * self.rff_scales(h.to(emb.dtype))
         return math.sqrt(2.0 / R_b) * torch.cos(proj + phase)
-
-    # -- membership -------------------------------------------------------------------------
-    def membership(self, hashes: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """bool [n, K]: image i counts for probe k iff u(key_i, k) < M / n_c (all if M is None)."""
-        n, K = len(hashes), self.spec.probes
-        if self.spec.real_per_probe is None:
-            return np.ones((n, K), dtype=bool)
-        rate = self.spec.real_per_probe / np.maximum(counts[labels], 1)
-        return probe_uniforms(hashes, K) < rate[:, None]
 
     def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 [n, H, W, C] -> float [n, C, H, W] in the bank's normalised space."""

@@ -2,7 +2,8 @@
 
 Sums are float64 and add: stats(A) + stats(B) == stats(A u B). That is what makes the pass
 shardable across workers and resumable per work unit. Alongside, an init pool keeps per class the
-`init_pool` images with the smallest stable key hash (bottom-k), which also merges exactly.
+`init_pool` images with the smallest stable key hash (bottom-k) among the class's images whose
+hash is below `pool_limit`, which also merges exactly.
 """
 
 from __future__ import annotations
@@ -16,10 +17,15 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from condense_pipeline import storage
-from condense_pipeline.condense.bank import ProbeBank, derive_seed, key_hashes
+from condense_pipeline.condense.bank import ProbeBank
 from condense_pipeline.condense.networks import attention_dims, attention_map
-
-EMPTY_HASH = np.iinfo(np.uint64).max
+from condense_pipeline.condense.sampling import (
+    EMPTY_HASH,
+    key_hashes,
+    membership,
+    pool_hashes,
+    pool_limit,
+)
 
 
 @dataclass
@@ -61,20 +67,36 @@ class ClassStats:
     # -- merging ----------------------------------------------------------------------------
     def __add__(self, other: ClassStats) -> ClassStats:
         out = ClassStats(
-            count=self.count + other.count.to(self.count.device),
-            sqnorm_sum=self.sqnorm_sum + other.sqnorm_sum.to(self.count.device),
-            emb_sum=_add(self.emb_sum, other.emb_sum),
-            rff_sum=_add(self.rff_sum, other.rff_sum),
-            att_sum=[_add(a, b) for a, b in zip(self.att_sum, other.att_sum)],
-            seen=self.seen + other.seen,
-            rejected=_merge_counts(self.rejected, other.rejected),
+            count=self.count.clone(),
+            sqnorm_sum=self.sqnorm_sum.clone(),
+            emb_sum=None if self.emb_sum is None else self.emb_sum.clone(),
+            rff_sum=None if self.rff_sum is None else self.rff_sum.clone(),
+            att_sum=[a.clone() for a in self.att_sum],
+            seen=self.seen.clone(),
+            rejected={shard: dict(kinds) for shard, kinds in self.rejected.items()},
             pool_hash=self.pool_hash.copy(),
             pool_images=self.pool_images.clone(),
             pool_keys=[list(k) for k in self.pool_keys],
         )
-        for c in range(len(out.pool_keys)):
-            out._offer(c, other.pool_hash[c], other.pool_images[c], other.pool_keys[c])
+        out += other
         return out
+
+    def __iadd__(self, other: ClassStats) -> ClassStats:
+        """Merge `other` in place: no second copy of the sums (the driver's merge)."""
+        for mine, theirs in [
+            (self.count, other.count),
+            (self.sqnorm_sum, other.sqnorm_sum),
+            (self.emb_sum, other.emb_sum),
+            (self.rff_sum, other.rff_sum),
+            *zip(self.att_sum, other.att_sum),
+        ]:
+            if mine is not None:
+                mine += theirs.to(mine.device)
+        self.seen += other.seen
+        self.rejected = _merge_counts(self.rejected, other.rejected)
+        for c in range(len(self.pool_keys)):
+            self._offer(c, other.pool_hash[c], other.pool_images[c], other.pool_keys[c])
+        return self
 
     def _offer(self, c: int, hashes: np.ndarray, images: torch.Tensor, keys: list[str]) -> None:
         """Keep the P smallest hashes of class c among what it holds and the candidates."""
@@ -162,21 +184,12 @@ class ClassStats:
         return ClassStats.from_bytes(storage.read_bytes(location), device)
 
 
-def _add(a, b):
-    return None if a is None else a + b.to(a.device)
-
-
 def _merge_counts(a: dict, b: dict) -> dict:
     out = {k: dict(v) for k, v in a.items()}
     for shard, reasons in b.items():
         for reason, n in reasons.items():
             out.setdefault(shard, {})[reason] = out.get(shard, {}).get(reason, 0) + n
     return out
-
-
-def pool_hashes(keys: list[str], seed: int) -> np.ndarray:
-    """The hash that orders the init pool and the bandwidth pilot (independent of membership)."""
-    return key_hashes(keys, derive_seed(seed, "pool"))
 
 
 def accumulate(
@@ -196,7 +209,9 @@ def accumulate(
     it belongs to, the batch grouped by probe.
     """
     spec = bank.spec
-    member = bank.membership(key_hashes(keys, spec.seed), labels, class_counts)
+    member = membership(
+        key_hashes(keys, spec.seed), labels, class_counts, spec.probes, spec.real_per_probe
+    )
     x = bank.normalize(images)
     lab = torch.from_numpy(labels.astype(np.int64))
     forwards = 0
@@ -219,12 +234,14 @@ def accumulate(
             stats_att = attention_map(act, attention_power).double()
             a_sum[k].index_add_(0, lk_dev, stats_att)
     stats.seen += torch.bincount(lab, minlength=len(stats.seen))
-    # Only images that beat a class's current largest pool hash can enter its pool; most batches
-    # hold none once the pool is full, and skipping them keeps this off the worker's hot path.
+    # Only images below their class's limit that beat its current largest pool hash can enter the
+    # pool; most batches hold none once the pool is full, and skipping them keeps this cheap.
     hashes = pool_hashes(keys, spec.seed)
-    if stats.pool_hash.shape[1] == 0:
+    P = stats.pool_hash.shape[1]
+    if P == 0:
         return forwards
-    candidate = hashes < stats.pool_hash[labels, -1]
+    limit = np.minimum(stats.pool_hash[labels, -1], pool_limit(class_counts, P)[labels])
+    candidate = hashes < limit
     for c in np.unique(labels[candidate]).tolist():
         rows = np.nonzero(candidate & (labels == c))[0]
         stats._offer(c, hashes[rows], images[torch.from_numpy(rows)].cpu(), [keys[i] for i in rows])

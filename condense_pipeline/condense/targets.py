@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from condense_pipeline.condense import augment, losses
-from condense_pipeline.condense.bank import ProbeBank, derive_seed
+from condense_pipeline.condense.bank import ProbeBank
 from condense_pipeline.condense.networks import ConvNet, attention_map
+from condense_pipeline.condense.sampling import derive_seed
 from condense_pipeline.condense.stats import ClassStats
 from condense_pipeline.config import CondenseConfig
 

@@ -24,8 +24,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from condense_pipeline import storage
-from condense_pipeline.condense.bank import NEEDS, BankSpec, ProbeBank, derive_seed
+from condense_pipeline.condense.bank import NEEDS, BankSpec, ProbeBank
 from condense_pipeline.condense.loop import LoopState, condense_loop
+from condense_pipeline.condense.sampling import derive_seed
 from condense_pipeline.condense.synthetic import decode_factor, initial_images, needed_pool
 from condense_pipeline.condense.targets import BankTargets, OnlineTargets
 from condense_pipeline.config import CondenseConfig
@@ -94,6 +95,13 @@ class CondenseResult:
     groups_run: int
     groups_skipped: int
     retries: list[dict] = field(default_factory=list)  # {"group", "attempt", "why"} per lost task
+
+    def summary(self) -> dict:
+        return {
+            "groups_run": self.groups_run,
+            "groups_reused": self.groups_skipped,
+            "retries": self.retries,
+        }
 
 
 def run_condense(

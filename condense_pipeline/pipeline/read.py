@@ -13,7 +13,7 @@ import tarfile
 import warnings
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -45,6 +45,9 @@ DEFAULT_MAX_PIXELS = 89_478_485
 # Members are read into memory whole: cap them (ImageNet's largest JPEG is about 15 MB).
 MAX_IMAGE_BYTES = 256 << 20
 MAX_LABEL_BYTES = 32
+
+# The error of a good sample that the reader was told not to decode (read_images' `wanted`).
+UNUSED = "unused"
 
 # Raw rows, before decoding.
 DATA = "data"
@@ -156,24 +159,32 @@ def decode_row(
 ) -> dict:
     """A raw row -> {key, image uint8 [res, res, C], label, shard, error}; rejects keep the key
     and the reason, with a zero image and label -1."""
-    if raw[ERROR]:
-        return _rejected(raw, profile, raw[ERROR])
-    if raw[DATA] is None:
-        return _rejected(raw, profile, "missing image: no image member")
-    text = raw[LABEL_TEXT]
-    if text is None:
-        return _rejected(raw, profile, "missing label: no cls member")
-    try:
-        label = int(text.strip())
-    except ValueError:
-        return _rejected(raw, profile, f"bad label: {text[:40]!r} is not an integer")
-    if not 0 <= label < num_classes:
-        return _rejected(raw, profile, f"label out of range: {label} not in [0, {num_classes})")
+    label = check_raw(raw, num_classes)
+    if isinstance(label, str):
+        return _rejected(raw, profile, label)
     try:
         image = decode_image(raw[DATA], profile, max_pixels=max_pixels)
     except ValueError as e:
         return _rejected(raw, profile, str(e))
     return {KEY: str(raw[KEY]), IMAGE: image, LABEL: label, SHARD: raw[SHARD], ERROR: ""}
+
+
+def check_raw(raw: dict, num_classes: int) -> int | str:
+    """A raw row's label, or the reason to reject it (everything but decoding the image)."""
+    if raw[ERROR]:
+        return raw[ERROR]
+    if raw[DATA] is None:
+        return "missing image: no image member"
+    text = raw[LABEL_TEXT]
+    if text is None:
+        return "missing label: no cls member"
+    try:
+        label = int(text.strip())
+    except ValueError:
+        return f"bad label: {text[:40]!r} is not an integer"
+    if not 0 <= label < num_classes:
+        return f"label out of range: {label} not in [0, {num_classes})"
+    return label
 
 
 def _require_shards(shards: list[str]) -> None:
@@ -191,24 +202,47 @@ def iter_decoded(
             yield decode_row(raw, profile, num_classes, max_pixels=max_pixels)
 
 
-def _shard_rows(row: dict) -> Iterator[dict]:
-    return iter_shard(row[SHARD])
+# Rows per block that the Ray reader emits: bounded blocks whatever the shard size.
+ROWS_PER_BLOCK = 1000
 
 
-def _decode_batch(
-    batch: dict[str, np.ndarray], profile: Profile, num_classes: int, max_pixels: int
-) -> dict[str, np.ndarray]:
-    rows = [
-        decode_row(
-            {name: batch[name][i] for name in (KEY, DATA, LABEL_TEXT, SHARD, ERROR)},
-            profile,
-            num_classes,
-            max_pixels=max_pixels,
-        )
-        for i in range(len(batch[KEY]))
-    ]
-    res, channels = profile.resolution, profile.channels
-    images = np.zeros((len(rows), res, res, channels), np.uint8)
+def _read_shards(
+    batch: dict[str, np.ndarray],
+    profile: Profile,
+    num_classes: int,
+    max_pixels: int,
+    wanted: Callable | None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Read and decode whole shards inside one Ray task, yielding numpy blocks."""
+    raws = []
+    for shard in batch[SHARD]:
+        for raw in iter_shard(str(shard)):
+            raws.append(raw)
+            if len(raws) == ROWS_PER_BLOCK:
+                yield _decode_block(raws, profile, num_classes, max_pixels, wanted)
+                raws = []
+    if raws:
+        yield _decode_block(raws, profile, num_classes, max_pixels, wanted)
+
+
+def _decode_block(raws, profile, num_classes, max_pixels, wanted) -> dict[str, np.ndarray]:
+    """Decoded rows as numpy columns. Good samples that `wanted(keys, labels)` leaves out keep
+    their label but are not decoded: a zero image and the error UNUSED."""
+    checked = [check_raw(raw, num_classes) for raw in raws]
+    use = np.ones(len(raws), dtype=bool)
+    if wanted is not None:
+        good = [i for i, c in enumerate(checked) if not isinstance(c, str)]
+        keys = [str(raws[i][KEY]) for i in good]
+        use[good] = wanted(keys, np.array([checked[i] for i in good], dtype=np.int64))
+    rows = []
+    for raw, label, decode in zip(raws, checked, use):
+        if decode or isinstance(label, str):
+            rows.append(decode_row(raw, profile, num_classes, max_pixels=max_pixels))
+        else:
+            rows.append({**_rejected(raw, profile, UNUSED), LABEL: label})
+    images = np.zeros(
+        (len(rows), profile.resolution, profile.resolution, profile.channels), np.uint8
+    )
     for i, row in enumerate(rows):
         images[i] = row[IMAGE]
     return {
@@ -221,24 +255,27 @@ def _decode_batch(
 
 
 def read_images(
-    shards: list[str], profile: Profile, num_classes: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    shards: list[str],
+    profile: Profile,
+    num_classes: int,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    wanted: Callable | None = None,
 ) -> ray.data.Dataset:
     """A Ray Dataset of decoded rows (key, image, label, shard, error), one read task per shard.
 
     Rejected samples stay in as rows with an error, so downstream stages can count them exactly.
+    `wanted(keys, labels) -> bool mask`, when given, picks the good samples worth decoding; the
+    others come through undecoded with the error UNUSED (the statistics pass samples only M
+    images per class and probe, and decoding is about half of a reader's work).
     """
     import ray
 
     _require_shards(shards)
     items = [{SHARD: shard} for shard in shards]
-    return (
-        ray.data.from_items(items, override_num_blocks=len(shards))
-        .flat_map(_shard_rows)
-        .map_batches(
-            _decode_batch,
-            batch_format="numpy",
-            fn_kwargs={"profile": profile, "num_classes": num_classes, "max_pixels": max_pixels},
-        )
+    kwargs = {"profile": profile, "num_classes": num_classes, "max_pixels": max_pixels}
+    return ray.data.from_items(items, override_num_blocks=len(shards)).map_batches(
+        _read_shards, batch_size=1, batch_format="numpy", fn_kwargs={**kwargs, "wanted": wanted}
     )
 
 

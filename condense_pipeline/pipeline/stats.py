@@ -1,17 +1,19 @@
 """The statistics stage on Ray: shards -> decoded images -> StatsWorker actors -> ClassStats.
 
-Shards are processed in work units. Per unit, Ray Data reads and decodes the unit's shards on CPU
-tasks and the driver hands each decoded block (a reference, not the rows) to the least loaded
-worker, which adds it to its one running accumulator. (Not `streaming_split`: its coordinator
-actor costs seconds per unit, and it stalls when a consumer dies.) Then every worker writes its
-accumulator as a new checkpoint, and only after that the driver records the unit as done together
-with those checkpoint names (progress.json). A crash therefore never counts a unit twice or loses
-one, and a rerun skips committed units. A watchdog reruns a unit whose workers stop making
-progress or die (DESIGN.md section 7).
+Shards are processed in work units. Per unit, Ray Data reads the unit's shards on CPU tasks, which
+decode only the images that some probe samples or that may enter an init pool, and the driver
+hands each decoded block (a reference, not the rows) to the least loaded worker, which adds it to
+its one running accumulator. (Not `streaming_split`: its coordinator actor costs seconds per unit,
+and it stalls when a consumer dies.) Then every worker writes its accumulator as a new
+checkpoint, and only after that the driver records the unit as done together with those
+checkpoint names (progress.json). A crash therefore never counts a unit twice or loses one, and a
+rerun skips committed units. A watchdog reruns a unit whose workers stop making progress or die
+(DESIGN.md section 7).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import queue
@@ -24,7 +26,8 @@ import torch
 
 from condense_pipeline import storage
 from condense_pipeline.condense.bank import NEEDS, BankSpec, ProbeBank, pilot_bandwidths
-from condense_pipeline.condense.stats import ClassStats, accumulate, pool_hashes
+from condense_pipeline.condense.sampling import needed, pool_hashes
+from condense_pipeline.condense.stats import ClassStats, accumulate
 from condense_pipeline.config import StatsConfig
 from condense_pipeline.datasets import Profile
 from condense_pipeline.errors import UserError
@@ -86,7 +89,7 @@ class StatsWorker:
         """Start from the sum of committed checkpoints (none: from zero)."""
         self.stats = ClassStats.zeros(self.bank, self.init_pool)
         for path in checkpoints:
-            self.stats = self.stats + ClassStats.load(path, self.bank.device)
+            self.stats += ClassStats.load(path, self.bank.device)
 
     def consume(self, block, batch_size: int) -> int:
         """Add one block of decoded rows; returns the probe forwards it took."""
@@ -97,7 +100,12 @@ class StatsWorker:
         for start in range(0, len(rows[ERROR]), batch_size):
             batch = {k: v[start : start + batch_size] for k, v in rows.items()}
             errors = batch[ERROR]
-            for shard, err in zip(batch[SHARD][errors != ""], errors[errors != ""]):
+            unused = errors == read.UNUSED  # good samples no probe or pool needs: counted only
+            self.stats.seen += torch.bincount(
+                torch.from_numpy(batch[LABEL][unused]), minlength=len(self.stats.seen)
+            )
+            bad = (errors != "") & ~unused
+            for shard, err in zip(batch[SHARD][bad], errors[bad]):
                 kinds = self.stats.rejected.setdefault(str(shard), {})
                 kind = read.reason_kind(str(err))
                 kinds[kind] = kinds.get(kind, 0) + 1
@@ -235,10 +243,18 @@ def run_stats(
         else:
             say(f"bandwidth pilot: {cfg.pilot_per_class} images per class")
             images, labels = pilot_images(shards, profile, counts, cfg.pilot_per_class, cfg.seed)
-            task = ray.remote(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus)(_pilot_task)
-            bandwidths = ray.get(task.remote(spec, images, labels, torch_device))
+            bandwidths = _pilot(spec, images, labels, plan, torch_device, cfg.stall_timeout_s)
             _save_tensor(bw_path, bandwidths)
 
+    # readers decode only what some probe samples or what may enter an init pool
+    wanted = functools.partial(
+        needed,
+        seed=spec.seed,
+        probes=spec.probes,
+        real_per_probe=spec.real_per_probe,
+        counts=counts,
+        init_pool=cfg.init_pool,
+    )
     units = [
         shards[i : i + cfg.shards_per_unit] for i in range(0, len(shards), cfg.shards_per_unit)
     ]
@@ -263,51 +279,70 @@ def run_stats(
             for w in ws:
                 ray.kill(w)
             raise _UnitFailed(f"workers did not start: {ray_failure(e)}") from e
+        say(f"{len(ws)} stats worker(s) ready on {torch_device}")
         return ws
 
-    workers = []
-    for u, unit in enumerate(units):
-        if u in state["done_units"]:
-            continue
-        for attempt in range(3):
-            try:
-                workers = workers or start_workers()
-                forwards = _run_unit(workers, unit, profile, cfg, say, u, len(units))
-                # commit: checkpoints first (a worker lost before its checkpoint takes its part
-                # of the unit along: the unit is rerun), then the record that names them
-                names = [
-                    storage.join(folder, "partial", f"u{u:05d}-w{i}.safetensors")
-                    for i in range(len(workers))
-                ]
-                _save_checkpoints(workers, names, cfg.stall_timeout_s)
-                break
-            except _UnitFailed as failure:
-                state["retries"].append({"unit": u, "attempt": attempt + 1, "why": str(failure)})
-                say(f"unit {u}: {failure}; rebuilding workers and rerunning the unit")
-                _wait_for_verdicts(workers, cfg.stall_timeout_s)
-                for w in workers:
-                    ray.kill(w)
-                workers = []
-                if attempt == 2:
-                    raise UserError(
-                        f"stats stage stalled: unit {u} failed 3 times ({failure})"
-                    ) from None
-                plan = plan_workers(cfg.workers)  # from what is left after a lost node
-        old = state["checkpoints"]
-        state = {
-            **state,
-            "done_units": state["done_units"] + [u],
-            "checkpoints": names,
-            "forwards": state["forwards"] + forwards,
-        }
-        storage.write_json(progress_path, state)
-        for path in old:
-            storage.delete(path)
+    workers, readers = [], {}  # readers: unit -> its _UnitReader, started ahead of use
 
-    total = None
-    for path in state["checkpoints"]:
-        part = ClassStats.load(path)
-        total = part if total is None else total + part
+    def reader(u: int) -> _UnitReader:
+        if u not in readers:
+            depth = max(1, plan.workers) * BLOCKS_PER_WORKER
+            readers[u] = _UnitReader(units[u], profile, wanted, depth)
+        return readers[u]
+
+    todo = [u for u in range(len(units)) if u not in state["done_units"]]
+    try:
+        for n, u in enumerate(todo):
+            for attempt in range(3):
+                try:
+                    blocks = reader(u).blocks  # reading starts while the workers start
+                    workers = workers or start_workers()
+                    if n + 1 < len(todo):  # the next unit's first blocks wait while this one ends
+                        reader(todo[n + 1])
+                    forwards = _dispatch(workers, blocks, cfg, say, u, len(units), len(units[u]))
+                    # commit: checkpoints first (a worker lost before its checkpoint takes its part
+                    # of the unit along: the unit is rerun), then the record that names them
+                    names = [
+                        storage.join(folder, "partial", f"u{u:05d}-w{i}.safetensors")
+                        for i in range(len(workers))
+                    ]
+                    _save_checkpoints(workers, names, cfg.stall_timeout_s)
+                    break
+                except _UnitFailed as failure:
+                    state["retries"].append(
+                        {"unit": u, "attempt": attempt + 1, "why": str(failure)}
+                    )
+                    say(f"unit {u + 1}: {failure}; rebuilding workers and rerunning the unit")
+                    for r in readers.values():
+                        r.stop()
+                    readers.clear()
+                    _wait_for_verdicts(workers, cfg.stall_timeout_s)
+                    for w in workers:
+                        ray.kill(w)
+                    workers = []
+                    if attempt == 2:
+                        raise UserError(
+                            f"stats stage stalled: unit {u + 1} failed 3 times ({failure})"
+                        ) from None
+                    plan = plan_workers(cfg.workers)  # from what is left after a lost node
+            readers.pop(u).stop()
+            old = state["checkpoints"]
+            state = {
+                **state,
+                "done_units": state["done_units"] + [u],
+                "checkpoints": names,
+                "forwards": state["forwards"] + forwards,
+            }
+            storage.write_json(progress_path, state)
+            for path in old:
+                storage.delete(path)
+    finally:  # a failed stage leaves no reading behind
+        for r in readers.values():
+            r.stop()
+
+    total = ClassStats.zeros(ProbeBank(spec), cfg.init_pool)
+    for path in state["checkpoints"]:  # one checkpoint at a time, summed in place
+        total += ClassStats.load(path)
     for w in workers:
         ray.kill(w)
     images = int(total.seen.sum())
@@ -379,25 +414,10 @@ def _save_checkpoints(workers, names: list[str], timeout: float) -> None:
         raise _UnitFailed(f"a worker was lost before its checkpoint: {ray_failure(e)}") from e
 
 
-def _run_unit(workers, unit, profile, cfg, say, u, n_units) -> int:
-    """Stream the unit's decoded blocks to the workers, each block to the least loaded worker.
-
-    Ray Data reads and decodes on CPU tasks; the driver only passes block references, so rows
-    go from the object store to a worker once. A worker that dies fails its call at once (a
-    streaming_split would stall on it), and a reader thread keeps the driver able to notice
-    a unit that makes no progress at all.
-    """
-    blocks: queue.Queue = queue.Queue(maxsize=len(workers) * BLOCKS_PER_WORKER)
-    stop = threading.Event()
-    ds = read.read_images(unit, profile, profile.num_classes)
-    threading.Thread(target=_feed_blocks, args=(ds, blocks, stop), daemon=True).start()
-    try:
-        return _dispatch(workers, blocks, cfg, say, u, n_units, len(unit))
-    finally:
-        stop.set()  # a failed unit's reader stops, and Ray Data shuts its execution down
-
-
 def _dispatch(workers, blocks, cfg, say, u, n_units, n_shards) -> int:
+    """Hand a unit's blocks to the workers, each to the least loaded one, at most
+    BLOCKS_PER_WORKER at a time; returns the probe forwards. A worker that dies fails its call
+    at once (a streaming_split would stall on it)."""
     import ray
     from ray.exceptions import RayError
 
@@ -437,27 +457,57 @@ def _dispatch(workers, blocks, cfg, say, u, n_units, n_shards) -> int:
     return forwards
 
 
-def _feed_blocks(ds, blocks: queue.Queue, stop: threading.Event) -> None:
-    """Put the dataset's block references on `blocks`, then None (or the exception raised);
-    gives up once `stop` is set."""
+class _UnitReader:
+    """Reads one unit's shards with Ray Data in a thread: the block references go on `blocks`,
+    then None (or the exception raised). Ray Data reads and decodes on CPU tasks; the driver
+    only passes references on, so rows go from the object store to a worker once. The thread
+    keeps the driver free to notice a unit that makes no progress at all."""
 
-    def put(item) -> bool:
-        while not stop.is_set():
+    def __init__(self, shards: list[str], profile: Profile, wanted, depth: int):
+        self.blocks: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        ds = read.read_images(shards, profile, profile.num_classes, wanted=wanted)
+        threading.Thread(target=self._feed, args=(ds,), daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop reading; Ray Data shuts the unit's execution down."""
+        self._stop.set()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
             try:
-                blocks.put(item, timeout=1.0)
+                self.blocks.put(item, timeout=1.0)
                 return True
             except queue.Full:
                 pass
         return False
 
+    def _feed(self, ds) -> None:
+        try:
+            for bundle in ds.iter_internal_ref_bundles():
+                for block in bundle.block_refs:
+                    if not self._put(block):
+                        return
+            self._put(None)
+        except Exception as e:  # handed to the driver's loop, which fails the unit
+            self._put(e)
+
+
+def _pilot(spec: BankSpec, images, labels, plan, device: str, timeout: float) -> torch.Tensor:
+    """The bandwidth pilot as one Ray task (on a GPU where there are GPUs). Ray reruns it when
+    its node is lost; one that has not finished after `timeout` fails the stage."""
+    import ray
+
+    task = ray.remote(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus)(_pilot_task)
+    ref = task.remote(spec, images, labels, device)
     try:
-        for bundle in ds.iter_internal_ref_bundles():
-            for block in bundle.block_refs:
-                if not put(block):
-                    return
-        put(None)
-    except Exception as e:  # handed to the driver's loop, which fails the unit
-        put(e)
+        return ray.get(ref, timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        raise UserError(
+            f"stats stage stalled: the M3D bandwidth pilot did not finish in {timeout:.0f} s; "
+            "check that the cluster has room for it"
+        ) from None
 
 
 def _pilot_task(spec: BankSpec, images, labels, device: str):
@@ -487,6 +537,15 @@ def load_stats(run_dir: str, classes: list[int], device="cpu") -> ClassStats:
         for c in classes
     ]
     return concat_classes(pieces)
+
+
+def load_pools(run_dir: str, num_classes: int) -> list[torch.Tensor]:
+    """Every class's init pool (uint8 [n, H, W, ch]), holding one class file at a time."""
+    pools = []
+    for start in range(0, num_classes, CLASSES_PER_FILE):
+        part = ClassStats.load(storage.join(stats_dir(run_dir), class_file(start)))
+        pools += [part.pool(c)[0] for c in range(len(part.pool_keys))]
+    return pools
 
 
 def load_bandwidths(run_dir: str) -> torch.Tensor | None:
