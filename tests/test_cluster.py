@@ -227,7 +227,8 @@ def _assert_images_close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) ->
 def test_stats_and_condense_across_nodes_survive_a_lost_node(cluster, shards, tmp_path):
     _restore(cluster)
     run_dir = str(tmp_path / "run")
-    cfg = replace(STATS, methods=("dm",), init_pool=2)
+    # 32 probes: the units after the first outlast the moment it takes to kill the node
+    cfg = replace(STATS, methods=("dm",), init_pool=2, probes=32)
     killed = _kill_when(cluster, lambda: _done_units(run_dir), "StatsWorker")
     summary = run_stats(PROFILE, shards, run_dir, cfg).summary
     _wait_for(lambda: killed, "the node kill", 30)
@@ -307,8 +308,8 @@ def test_node_lost_mid_stats(cluster, shards, tmp_path):
     _restore(cluster)
     run_dir = str(tmp_path / "run")
     killed = _kill_when(cluster, lambda: _done_units(run_dir), "StatsWorker")
-    # 16 probes: the units after the first outlast the moment it takes to kill the node
-    summary = run_stats(PROFILE, shards, run_dir, replace(STATS, probes=16)).summary
+    # 32 probes: the units after the first outlast the moment it takes to kill the node
+    summary = run_stats(PROFILE, shards, run_dir, replace(STATS, probes=32)).summary
     _wait_for(lambda: killed, "the node kill", 30)
     assert killed[0] is not None, "no worker node ran a StatsWorker"
     assert summary["retries"] and all(r["unit"] >= 1 for r in summary["retries"])

@@ -67,36 +67,20 @@ class ClassStats:
     # -- merging ----------------------------------------------------------------------------
     def __add__(self, other: ClassStats) -> ClassStats:
         out = ClassStats(
-            count=self.count.clone(),
-            sqnorm_sum=self.sqnorm_sum.clone(),
-            emb_sum=None if self.emb_sum is None else self.emb_sum.clone(),
-            rff_sum=None if self.rff_sum is None else self.rff_sum.clone(),
-            att_sum=[a.clone() for a in self.att_sum],
-            seen=self.seen.clone(),
-            rejected={shard: dict(kinds) for shard, kinds in self.rejected.items()},
+            count=self.count + other.count.to(self.count.device),
+            sqnorm_sum=self.sqnorm_sum + other.sqnorm_sum.to(self.count.device),
+            emb_sum=_add(self.emb_sum, other.emb_sum),
+            rff_sum=_add(self.rff_sum, other.rff_sum),
+            att_sum=[_add(a, b) for a, b in zip(self.att_sum, other.att_sum)],
+            seen=self.seen + other.seen,
+            rejected=_merge_counts(self.rejected, other.rejected),
             pool_hash=self.pool_hash.copy(),
             pool_images=self.pool_images.clone(),
             pool_keys=[list(k) for k in self.pool_keys],
         )
-        out += other
+        for c in range(len(out.pool_keys)):
+            out._offer(c, other.pool_hash[c], other.pool_images[c], other.pool_keys[c])
         return out
-
-    def __iadd__(self, other: ClassStats) -> ClassStats:
-        """Merge `other` in place: no second copy of the sums (the driver's merge)."""
-        for mine, theirs in [
-            (self.count, other.count),
-            (self.sqnorm_sum, other.sqnorm_sum),
-            (self.emb_sum, other.emb_sum),
-            (self.rff_sum, other.rff_sum),
-            *zip(self.att_sum, other.att_sum),
-        ]:
-            if mine is not None:
-                mine += theirs.to(mine.device)
-        self.seen += other.seen
-        self.rejected = _merge_counts(self.rejected, other.rejected)
-        for c in range(len(self.pool_keys)):
-            self._offer(c, other.pool_hash[c], other.pool_images[c], other.pool_keys[c])
-        return self
 
     def _offer(self, c: int, hashes: np.ndarray, images: torch.Tensor, keys: list[str]) -> None:
         """Keep the P smallest hashes of class c among what it holds and the candidates."""
@@ -182,6 +166,10 @@ class ClassStats:
     @staticmethod
     def load(location: str, device: str | torch.device = "cpu") -> ClassStats:
         return ClassStats.from_bytes(storage.read_bytes(location), device)
+
+
+def _add(a, b):
+    return None if a is None else a + b.to(a.device)
 
 
 def _merge_counts(a: dict, b: dict) -> dict:

@@ -89,7 +89,7 @@ class StatsWorker:
         """Start from the sum of committed checkpoints (none: from zero)."""
         self.stats = ClassStats.zeros(self.bank, self.init_pool)
         for path in checkpoints:
-            self.stats += ClassStats.load(path, self.bank.device)
+            self.stats = self.stats + ClassStats.load(path, self.bank.device)
 
     def consume(self, block, batch_size: int) -> int:
         """Add one block of decoded rows; returns the probe forwards it took."""
@@ -340,9 +340,10 @@ def run_stats(
         for r in readers.values():
             r.stop()
 
-    total = ClassStats.zeros(ProbeBank(spec), cfg.init_pool)
-    for path in state["checkpoints"]:  # one checkpoint at a time, summed in place
-        total += ClassStats.load(path)
+    total = None
+    for path in state["checkpoints"]:
+        part = ClassStats.load(path)
+        total = part if total is None else total + part
     for w in workers:
         ray.kill(w)
     images = int(total.seen.sum())
