@@ -21,6 +21,7 @@ from condense_pipeline.formats import ERROR, IMAGE, KEY, LABEL
 from condense_pipeline.pipeline import read
 from condense_pipeline.pipeline.condense import run_condense
 from condense_pipeline.pipeline.stats import (
+    PARTIAL_DIR,
     PROGRESS_JSON,
     bank_spec,
     load_bandwidths,
@@ -73,6 +74,7 @@ def test_ray_stats_equal_a_plain_loop_for_any_workers_and_units(ray_local, shard
     two = str(tmp_path / "two")
     result = run_stats(PROFILE, shards, two, _cfg())
     assert result.summary["images"] == 1437 and result.summary["skipped"] == 0
+    assert not os.path.exists(os.path.join(stats_dir(two), PARTIAL_DIR))  # no checkpoints left
     ray_stats = load_stats(two, list(range(10)))
     _assert_close(ray_stats, _plain_loop(shards, _cfg(), two))
 

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_JSON = "progress.json"
 BANDWIDTHS = "bandwidths.safetensors"
+PARTIAL_DIR = "partial"  # workers' checkpoints until the stage is done
 CLASSES_PER_FILE = 100
 # Blocks queued on each worker: one running, one fetched and waiting, so a worker never idles
 # while the driver hands out the next block.
@@ -303,7 +304,7 @@ def run_stats(
                     # commit: checkpoints first (a worker lost before its checkpoint takes its part
                     # of the unit along: the unit is rerun), then the record that names them
                     names = [
-                        storage.join(folder, "partial", f"u{u:05d}-w{i}.safetensors")
+                        storage.join(folder, PARTIAL_DIR, f"u{u:05d}-w{i}.safetensors")
                         for i in range(len(workers))
                     ]
                     _save_checkpoints(workers, names, cfg.stall_timeout_s)
@@ -373,8 +374,8 @@ def run_stats(
             "max": float(ratio.max()),
         }
     storage.mark_done(folder, summary)
-    for path in state["checkpoints"]:
-        storage.delete(path)
+    # every checkpoint, including any a failed attempt wrote and progress.json never named
+    storage.delete(storage.join(folder, PARTIAL_DIR))
     return StatsResult(run_dir, False, summary)
 
 
