@@ -14,6 +14,7 @@ import torch
 
 from condense_pipeline import storage
 from condense_pipeline.condense.bank import ProbeBank
+from condense_pipeline.condense.sampling import pool_hashes
 from condense_pipeline.condense.stats import ClassStats, accumulate
 from condense_pipeline.config import condense_config, stats_config
 from condense_pipeline.datasets import get_profile
@@ -26,6 +27,7 @@ from condense_pipeline.pipeline.stats import (
     bank_spec,
     load_bandwidths,
     load_stats,
+    pilot_images,
     run_stats,
     stats_dir,
 )
@@ -68,6 +70,22 @@ def _assert_close(a, b, tol=1e-5):
     for x, y in zip(a.att_sum, b.att_sum):
         assert ((x - y).abs().max() / y.abs().max()).item() < tol
     assert a.pool_keys == b.pool_keys
+
+
+@pytest.mark.parametrize("per_class", [5, 1000])
+def test_pilot_takes_the_smallest_pool_hashes_of_what_it_read(ray_local, shards, per_class):
+    first = storage.list_shards(shards)[:1]  # one shard: the pilot reads all of it
+    rows = [r for r in read.iter_decoded(first, PROFILE, 10) if not r[ERROR]]
+    counts = np.bincount([r[LABEL] for r in rows], minlength=10)
+    images, labels = pilot_images(first, PROFILE, counts, per_class, seed=3)
+    hashes = pool_hashes([r[KEY] for r in rows], seed=3)
+    expected = []
+    for c in range(10):
+        mine = sorted((h, i) for i, h in enumerate(hashes) if rows[i][LABEL] == c)
+        expected += [rows[i][IMAGE] for _, i in mine[:per_class]]
+    assert labels.tolist() == sorted(labels.tolist())
+    assert len(expected) == len(images) == int(np.minimum(counts, per_class).sum())
+    assert torch.equal(images, torch.from_numpy(np.stack(expected)))
 
 
 def test_ray_stats_equal_a_plain_loop_for_any_workers_and_units(ray_local, shards, tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import heapq
 import logging
 import queue
 import threading
@@ -174,20 +175,35 @@ def _check_existing(folder: str, bank_json: dict) -> bool:
 
 def pilot_images(shards, profile, counts, per_class: int, seed: int):
     """Per class the `per_class` images with the smallest pool hash among the first shards that
-    hold enough of every class (shards are shuffled at prepare, so these are a random sample)."""
+    hold enough of every class (shards are shuffled at prepare, so these are a random sample).
+    Only an image that enters its class's running selection is decoded, and only the selections
+    are kept: decodes per class grow like per_class * (1 + ln(read / per_class)), not like read."""
     want = np.minimum(np.asarray(counts), per_class)
-    seen: dict[int, list] = {c: [] for c in range(len(counts))}
+    seen = np.zeros(len(counts), dtype=np.int64)
+    chosen: list[list] = [[] for _ in counts]  # per class a max-heap of (-hash, key, image)
     for shard in shards:
-        for row in read.iter_decoded([shard], profile, len(counts)):
-            if not row[ERROR]:
-                seen[row[LABEL]].append((row[KEY], row[IMAGE]))
-        if all(len(seen[c]) >= 4 * want[c] or len(seen[c]) >= counts[c] for c in seen):
+        for raw in read.iter_shard(shard):
+            c = read.check_raw(raw, len(counts))
+            if isinstance(c, str):
+                continue
+            seen[c] += 1
+            h, heap = int(pool_hashes([raw[KEY]], seed)[0]), chosen[c]
+            if len(heap) == want[c] and h >= -heap[0][0]:
+                continue
+            try:
+                item = (-h, raw[KEY], read.decode_image(raw[read.DATA], profile))
+            except ValueError:  # a bad image: skipped here, counted by the pass itself
+                continue
+            if len(heap) < want[c]:
+                heapq.heappush(heap, item)
+            else:
+                heapq.heapreplace(heap, item)
+        if np.all((seen >= 4 * want) | (seen >= counts)):
             break
     images, labels = [], []
-    for c, rows in seen.items():
-        order = np.argsort(pool_hashes([k for k, _ in rows], seed), kind="stable")[: want[c]]
-        images += [rows[i][1] for i in order]
-        labels += [c] * len(order)
+    for c, heap in enumerate(chosen):
+        images += [image for _, _, image in sorted(heap, reverse=True)]  # smallest hash first
+        labels += [c] * len(heap)
     return torch.from_numpy(np.stack(images)), torch.tensor(labels)
 
 
