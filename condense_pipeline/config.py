@@ -57,6 +57,8 @@ class StatsConfig:
             raise UserError("--probes must be at least 1")
         if self.real_per_probe is not None and self.real_per_probe < 1:
             raise UserError("--real-per-probe must be a positive number or 'all'")
+        if self.stall_timeout_s <= 0:
+            raise UserError("--stall-timeout must be a positive number of seconds")
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,8 @@ class CondenseConfig:
             raise UserError(f"--targets must be bank or online, got {self.targets!r}")
         if self.factor < 1:
             raise UserError("--factor must be at least 1")
+        if self.stall_timeout_s <= 0:
+            raise UserError("--stall-timeout must be a positive number of seconds")
 
     @property
     def preset(self) -> MethodPreset:

@@ -37,6 +37,7 @@ def test_datasets_lists_every_profile():
         (["condense", "/no/such/run", "--ipc", "1"], "no finished statistics"),
         (["show", "/no/such/run"], "is not a run directory"),
         (["stats", "digits", "--out", "x", "--method", "foo"], "unknown method 'foo'"),
+        (["stats", "digits", "--out", "x", "--stall-timeout", "0"], "--stall-timeout must be"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(args, message, tmp_path):
@@ -117,7 +118,7 @@ def test_every_command_and_a_rerun_that_resumes(digits_data, tmp_path):
     report = ok(cli("evaluate", str(folder), "--test", test, "--epochs", "1", "--runs", "1"))
     assert "%" in report
     shown = ok(cli("show", str(run_dir)))
-    assert folder.name in shown
+    assert folder.name in shown and "probe forwards" in shown and "group(s) run" in shown
     plan = ok(cli("condense", str(run_dir), "--ipc", "10", "--method", "dm", "--dry-run"))
     assert "steps" in plan
 

@@ -23,6 +23,11 @@ say = typer.echo
 # Options shared by several commands.
 ADDRESS = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
 SEED = typer.Option(0, help="Seed of the probe bank / condensation.")
+STALL = typer.Option(
+    None,
+    "--stall-timeout",
+    help="Fail a stage when no worker progresses this long (s, default 600).",
+)
 
 
 def _classes(spec: str | None) -> tuple[int, ...] | None:
@@ -111,6 +116,7 @@ def stats(
     max_bad_fraction: float = typer.Option(None, help="Fail above this fraction of bad samples."),
     seed: int = SEED,
     address: str = ADDRESS,
+    stall_timeout: float = STALL,
     overwrite: bool = typer.Option(False, help="Replace conflicting statistics."),
     dry_run: bool = typer.Option(False, help="Print the cost and compute nothing."),
 ) -> None:
@@ -129,6 +135,7 @@ def stats(
         workers=workers,
         max_bad_fraction=max_bad_fraction,
         seed=seed,
+        stall_timeout_s=stall_timeout,
     )
     shards = _data(profile, data, TRAIN)
     if dry_run:
@@ -195,6 +202,7 @@ def condense(
     batch_real: int = typer.Option(None, help="Real images per class per step (online)."),
     seed: int = SEED,
     address: str = ADDRESS,
+    stall_timeout: float = STALL,
     dry_run: bool = typer.Option(False, help="Print the cost and compute nothing."),
 ) -> None:
     """Optimise synthetic images per class against the statistics in RUN_DIR."""
@@ -216,6 +224,7 @@ def condense(
         targets=targets,
         batch_real=batch_real,
         seed=seed,
+        stall_timeout_s=stall_timeout,
     )
     if dry_run:
         from condense_pipeline.pipeline.estimate import condense_plan
@@ -307,6 +316,7 @@ def run(
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip evaluation."),
     seed: int = SEED,
     address: str = ADDRESS,
+    stall_timeout: float = STALL,
     overwrite: bool = typer.Option(False, help="Replace conflicting statistics."),
     dry_run: bool = typer.Option(False, help="Print the plan and its cost, compute nothing."),
 ) -> None:
@@ -327,6 +337,7 @@ def run(
         classes=_classes(classes),
         targets=targets,
         seed=seed,
+        stall_timeout_s=stall_timeout,
     )
     from condense_pipeline.condense.synthetic import needed_pool
 
@@ -337,6 +348,7 @@ def run(
         real_per_probe=_int_or_all(real_per_probe),
         init_pool=max(needed_pool(ipc, cond.factor, cond.init), ipc, 1),
         seed=seed,
+        stall_timeout_s=stall_timeout,
     )
     if dry_run:
         from condense_pipeline.pipeline.estimate import condense_plan
@@ -398,6 +410,10 @@ def show(run_dir: str) -> None:
     say(f"run {run_dir}: dataset {m['dataset']}")
     for name, st in m["stages"].items():
         say(f"  {name}: {st['status']} in {st['seconds']} s")
+    if "stats" in m:  # the last run's: the pass's own summary, reruns included
+        _print_stats(m["stats"], reused=False)
+    if "condense" in m:
+        _print_condense(m["condense"])
     for folder in storage.list_dir(storage.join(run_dir, CONDENSE_DIR)):
         report = storage.join(run_dir, CONDENSE_DIR, folder, "eval", "report.json")
         line = f"  condense/{folder}"
