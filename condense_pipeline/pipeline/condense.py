@@ -146,7 +146,8 @@ def run_condense(
                     retries.append({"group": g, "attempt": attempt, "why": why})
                     if attempt == ATTEMPTS:
                         raise UserError(
-                            f"condense stage failed: group {g} was lost {ATTEMPTS} times ({why})"
+                            f"condense stage failed: group {g + 1} was lost {ATTEMPTS} times "
+                            f"({why})"
                         ) from None
                     say(f"group {g + 1}: task lost ({why}); rerunning it from its checkpoint")
                     pending[task.remote(run_dir, cfg, groups[g], g, plan.device)] = g

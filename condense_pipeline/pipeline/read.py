@@ -162,6 +162,11 @@ def decode_row(
     label = check_raw(raw, num_classes)
     if isinstance(label, str):
         return _rejected(raw, profile, label)
+    return _decoded(raw, label, profile, max_pixels)
+
+
+def _decoded(raw: dict, label: int, profile: Profile, max_pixels: int) -> dict:
+    """The row of a raw sample whose label checked out: its decoded image, or why it has none."""
     try:
         image = decode_image(raw[DATA], profile, max_pixels=max_pixels)
     except ValueError as e:
@@ -236,8 +241,10 @@ def _decode_block(raws, profile, num_classes, max_pixels, wanted) -> dict[str, n
         use[good] = wanted(keys, np.array([checked[i] for i in good], dtype=np.int64))
     rows = []
     for raw, label, decode in zip(raws, checked, use):
-        if decode or isinstance(label, str):
-            rows.append(decode_row(raw, profile, num_classes, max_pixels=max_pixels))
+        if isinstance(label, str):
+            rows.append(_rejected(raw, profile, label))
+        elif decode:
+            rows.append(_decoded(raw, label, profile, max_pixels))
         else:
             rows.append({**_rejected(raw, profile, UNUSED), LABEL: label})
     images = np.zeros(

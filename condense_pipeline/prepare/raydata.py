@@ -111,12 +111,18 @@ def write_ray_dataset(
     storage.delete(split_dir)
     try:
         rows = ds.map_batches(writer, batch_size=shard_size, batch_format="numpy").take_all()
+        info = _split_info(rows, name, channels, class_names)
+        storage.write_json(storage.join(split_dir, DATASET_JSON), info)
     except BaseException:
         storage.delete(split_dir)
         raise
+    return info
+
+
+def _split_info(rows: list[dict], name: str, channels: int, class_names) -> dict:
+    """dataset.json from the writer's rows; UserError on a batch it refused or no data."""
     errors = [r["error"] for r in rows if r["error"]]
     if errors or not rows:
-        storage.delete(split_dir)
         raise UserError(errors[0] if errors else "the dataset holds no rows")
     shards = sorted(
         (
@@ -132,9 +138,6 @@ def write_ray_dataset(
         counts[: len(c)] += c
     classes = class_names or [str(i) for i in range(num_classes)]
     if len(classes) < num_classes:
-        storage.delete(split_dir)
         raise UserError(f"label {num_classes - 1} has no class name ({len(classes)} given)")
     counts = np.pad(counts, (0, len(classes) - num_classes))
-    info = split_info(name, TRAIN, classes, counts.tolist(), channels, None, 0, shards)
-    storage.write_json(storage.join(split_dir, DATASET_JSON), info)
-    return info
+    return split_info(name, TRAIN, classes, counts.tolist(), channels, None, 0, shards)
