@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from condense_pipeline import storage
+from condense_pipeline.condense.targets import probe_order, scheduled_probe
 from condense_pipeline.config import CondenseConfig, StatsConfig, condense_config, stats_config
 from condense_pipeline.datasets import Profile, data_home, get_profile
 from condense_pipeline.errors import UserError
@@ -34,7 +35,7 @@ from condense_pipeline.pipeline.condense import (
     read_bank,
     run_condense,
 )
-from condense_pipeline.pipeline.export import export_condensed
+from condense_pipeline.pipeline.export import export_condensed, write_dataset_card
 from condense_pipeline.pipeline.stats import StatsResult, load_pools, run_stats
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,13 @@ def export(run_dir: str, cond: CondenseConfig, profile: Profile, result=None) ->
         "condense": cond.folder_name(),
         "dataset": bank["dataset"],
     }
+    probe_of_step = None
+    if cond.targets == "bank":  # online targets draw a fresh network every step
+        order = probe_order(bank["spec"]["probes"], cond.seed)
+
+        def probe_of_step(step: int) -> int:  # the loss log counts steps from 1
+            return scheduled_probe(order, step - 1, cond.iters_per_probe)
+
     return export_condensed(
         images,
         labels,
@@ -159,6 +167,7 @@ def export(run_dir: str, cond: CondenseConfig, profile: Profile, result=None) ->
         storage.join(result.folder, EXPORT_DIR),
         provenance={**provenance, "bank_seed": bank["spec"]["seed"]},
         loss_log=result.history,
+        probe_of_step=probe_of_step,
     )
 
 
@@ -190,7 +199,7 @@ def evaluate(
     pool_y = torch.cat([torch.full((len(p),), c) for c, p in enumerate(pool)])
     if min(len(p) for p in pool) < cond.ipc:
         pool_x = pool_y = None  # no baseline when the pool is smaller than the IPC
-    return evaluate_condensed(
+    report = evaluate_condensed(
         storage.join(folder, EXPORT_DIR),
         test_x,
         test_y,
@@ -203,6 +212,8 @@ def evaluate(
         progress=progress,
         report_dir=storage.join(folder, EVAL_DIR),
     )
+    write_dataset_card(storage.join(folder, EXPORT_DIR), profile.name, report)
+    return report
 
 
 def condense_dataset(

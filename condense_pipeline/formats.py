@@ -24,8 +24,9 @@ EVAL_DIR = "eval"
 REPORT_JSON = "report.json"
 
 # Exported condensed set.
-EXPORT_FORMAT = 1
-PARQUET_COLUMNS = ("key", "label", "class_name", "png", "tensor")
+# 2: the Parquet image column is a struct {bytes, path} with Hugging Face features (was png bytes)
+EXPORT_FORMAT = 2
+PARQUET_COLUMNS = ("key", "label", "class_name", "image", "tensor")
 
 # Inside an export folder (DESIGN.md section 9).
 EXPORT_WDS_DIR = "wds"
@@ -34,3 +35,6 @@ EXPORT_SHARD_PREFIX = "condensed"
 PREVIEW_PNG = "preview.png"
 LOSS_PNG = "loss.png"
 TENSOR_SHAPE_METADATA = "tensor_shape"  # Parquet schema metadata key: JSON [C, H, W]
+HF_METADATA = "huggingface"  # Parquet schema metadata key that Hugging Face `datasets` reads
+DATASET_CARD = "README.md"
+REPORT_HTML = "report.html"

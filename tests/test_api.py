@@ -47,7 +47,7 @@ def test_condense_dataset_returns_the_condensed_set_and_resumes(ray_local, digit
     stamp = os.path.getmtime(os.path.join(work, "data", "train", shards[0]))
     again = condense_dataset(_digits_ds(digits), ipc=2, method="dm", **kwargs).take_all()
     assert os.path.getmtime(os.path.join(work, "data", "train", shards[0])) == stamp
-    by_key = lambda rs: sorted((r["key"], r["png"]) for r in rs)  # noqa: E731
+    by_key = lambda rs: sorted((r["key"], r["image"]["bytes"]) for r in rs)  # noqa: E731
     assert by_key(again) == by_key(rows)
 
 

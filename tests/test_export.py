@@ -88,10 +88,13 @@ def test_parquet_schema_and_round_trip(tmp_path):
         pa.string(),
         pa.int64(),
         pa.string(),
-        pa.binary(),
+        pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
         pa.list_(pa.float32()),
     ]
     assert json.loads(schema.metadata[b"tensor_shape"]) == [3, 32, 32]
+    features = json.loads(schema.metadata[b"huggingface"])["info"]["features"]
+    assert features["label"] == {"names": CLASSES, "_type": "ClassLabel"}
+    assert features["image"] == {"_type": "Image"}
 
     rows = table.to_pydict()
     assert rows["key"] == sample_keys(labels)
@@ -99,7 +102,8 @@ def test_parquet_schema_and_round_trip(tmp_path):
     assert rows["class_name"] == [CLASSES[y] for y in labels]
     tensors = torch.tensor(rows["tensor"]).view(-1, 3, 32, 32)
     assert torch.equal(tensors, images)  # the floats are kept exactly
-    for i, png in enumerate(rows["png"]):
+    assert [image["path"] for image in rows["image"]] == [f"{k}.png" for k in rows["key"]]
+    for i, png in enumerate(image["bytes"] for image in rows["image"]):
         stored = torch.from_numpy(np.asarray(Image.open(io.BytesIO(png)), dtype=np.float32) / 255)
         assert (stored.permute(2, 0, 1) - pixels[i]).abs().max() <= 0.5 / 255 + 1e-6
 
@@ -131,6 +135,9 @@ def test_manifest_preview_and_loss_plot(tmp_path):
     # One row per class; 8 px digits are blown up to cells of at least 32 px.
     assert preview.height >= len(CLASSES) * 32
     assert Image.open(storage.join(out, formats.LOSS_PNG)).size == (640, 400)
+    card = open(storage.join(out, formats.DATASET_CARD)).read()
+    assert "# Condensed digits: 9 synthetic images" in card
+    assert "CC BY 4.0" in card and "Not evaluated yet" in card
 
 
 def test_clamping_is_reported(tmp_path):

@@ -1,5 +1,5 @@
 """The `condense-pipeline` command. It builds frozen configs, calls the API and prints progress;
-a UserError becomes one line on stderr and exit code 2."""
+a UserError becomes one line on stderr and exit code 2. HELP is what `--help` shows."""
 
 from __future__ import annotations
 
@@ -16,8 +16,19 @@ from condense_pipeline.config import CondenseConfig, condense_config, stats_conf
 from condense_pipeline.datasets import METHODS, PROFILES, get_profile
 from condense_pipeline.errors import UserError
 from condense_pipeline.formats import TEST, TRAIN
+from condense_pipeline.report import write_report
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+HELP = """Condense an image dataset to a few synthetic images per class (DM, M3D, DataDAM) on Ray.
+
+A small training set that trains a model almost as well as the full one: for fast architecture
+and hyperparameter search, replay memory, or cheap sharing. `run` does the whole job and writes
+WebDataset and Parquet shards, a preview, an evaluation against random real images, and an HTML
+report. Try: condense-pipeline run digits --ipc 10
+"""
+# Commands that start Ray; the others stay quick (no Ray import).
+RAY_COMMANDS = {"prepare", "stats", "condense", "export", "evaluate", "run"}
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, rich_markup_mode=None)
 say = typer.echo
 
 # Options shared by several commands.
@@ -50,6 +61,32 @@ def _methods(method: str) -> tuple[str, ...]:
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)} or all")
     return (method,)
+
+
+@app.callback()
+def _options(
+    ctx: typer.Context,
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Show Ray's own log lines and this tool's INFO logs."
+    ),
+) -> None:
+    if verbose:
+        logging.getLogger().setLevel(logging.INFO)
+    elif ctx.invoked_subcommand in RAY_COMMANDS:
+        _quiet_ray()
+
+
+def _quiet_ray() -> None:
+    """Keep Ray's start-up lines (token authentication, "Started a local Ray instance") and Ray
+    Data's execution plans and logged progress off the terminal: errors still show, Ray Data's
+    warnings too, and everything stays in Ray's log files. Ray Data's progress bars stay."""
+    import ray.data  # noqa: F401  (importing it sets up the handlers quietened here)
+
+    for handler in logging.getLogger("ray").handlers:
+        handler.setLevel(logging.ERROR)
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console":
+            handler.setLevel(logging.WARNING)
 
 
 @app.command()
@@ -376,7 +413,10 @@ def run(
     say("time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary.seconds.items()))
     if summary.report:
         _print_report(summary.report)
-    say(f"outputs: {summary.condense_dir}/export (wds/, parquet/, preview.png, loss.png)")
+    say(
+        f"outputs: {summary.condense_dir}/export (wds/, parquet/, preview.png, loss.png, README.md)"
+    )
+    say(f"report: {write_report(summary.run_dir)}")
 
 
 def _fits_method(profile, probes) -> str:
@@ -425,10 +465,35 @@ def show(run_dir: str) -> None:
         say(line)
 
 
+@app.command()
+def report(run_dir: str) -> None:
+    """Write RUN_DIR/report.html: previews, plots, accuracy, timings and settings on one page."""
+    say(f"report: {write_report(run_dir)}")
+
+
+def _plain_metavars(command) -> None:
+    """argparse-style help: `--epochs EPOCHS`, `RUN_DIR`, instead of Typer's <int>/<str> tags
+    (Typer offers no setting for it; its help asks each parameter for its type label)."""
+    for param in command.params:
+        if param.param_type_name == "argument":
+            param.display_type_rich = lambda ctx: None
+        if param.metavar is None and not getattr(param, "is_flag", False):
+            param.metavar = param.name.upper()
+    for sub in getattr(command, "commands", {}).values():
+        _plain_metavars(sub)
+
+
+def cli():
+    """The (Typer's own click) command behind `app`, with plain metavars."""
+    command = typer.main.get_command(app)
+    _plain_metavars(command)
+    return command
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        app()
+        cli()(prog_name="condense-pipeline")
     except UserError as e:
         cause = getattr(e, "cause", None)  # a UserError raised inside a Ray task
         typer.echo(f"error: {cause if isinstance(cause, UserError) else e}", err=True)

@@ -33,6 +33,17 @@ class StepTargets:
     loss: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]
 
 
+def probe_order(probes: int, seed: int) -> list[int]:
+    """The seeded permutation of the bank that BankTargets cycles through."""
+    g = torch.Generator().manual_seed(derive_seed(seed, "schedule"))
+    return torch.randperm(probes, generator=g).tolist()
+
+
+def scheduled_probe(order: list[int], step: int, iters_per_probe: int) -> int:
+    """The probe used at (0-based) `step`: each for `iters_per_probe` consecutive steps."""
+    return order[(step // iters_per_probe) % len(order)]
+
+
 def _attention(acts: list[torch.Tensor], power: float) -> list[torch.Tensor]:
     """Normalised attention of every block but the last: [G, n, A_l] each."""
     return [attention_map(a.flatten(0, 1), power).view(*a.shape[:2], -1) for a in acts[:-1]]
@@ -54,11 +65,10 @@ class BankTargets:
         self.classes = torch.tensor(classes)
         self.stats = stats  # already restricted to `classes`
         self.h = None if bandwidths is None else bandwidths[:, self.classes]
-        g = torch.Generator().manual_seed(derive_seed(cfg.seed, "schedule"))
-        self.order = torch.randperm(bank.spec.probes, generator=g).tolist()
+        self.order = probe_order(bank.spec.probes, cfg.seed)
 
     def probe(self, step: int) -> int:
-        return self.order[(step // self.cfg.iters_per_probe) % len(self.order)]
+        return scheduled_probe(self.order, step, self.cfg.iters_per_probe)
 
     def at(self, step: int) -> StepTargets:
         k, s, bank, cfg = self.probe(step), self.stats, self.bank, self.cfg

@@ -128,32 +128,42 @@ def train(
 
 
 @torch.no_grad()
-def test_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Accuracy in percent of `model` on all of (x, y), in batches on the model's device."""
+def test_predictions(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Predicted classes [n] (on the CPU) of `model` on x, in batches on the model's device."""
     device = next(model.parameters()).device
     model.eval()
-    correct = 0
-    for start in range(0, len(x), TEST_BATCH):
-        xb = x[start : start + TEST_BATCH].to(device)
-        yb = y[start : start + TEST_BATCH].to(device)
-        correct += int((model(xb).argmax(1) == yb).sum())
-    return 100.0 * correct / len(x)
+    return torch.cat(
+        [
+            model(x[s : s + TEST_BATCH].to(device)).argmax(1).cpu()
+            for s in range(0, len(x), TEST_BATCH)
+        ]
+    )
 
 
-def train_and_test(
+def test_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Accuracy in percent of `model` on all of (x, y)."""
+    return 100.0 * int((test_predictions(model, x) == y.cpu()).sum()) / len(x)
+
+
+def class_accuracy(predicted: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[float]:
+    """Accuracy in percent per class (nan for a class without test images)."""
+    y = y.cpu()
+    hits = torch.bincount(y[predicted == y], minlength=num_classes).double()
+    counts = torch.bincount(y, minlength=num_classes).double()
+    return (100.0 * hits / counts).tolist()
+
+
+def trained_model(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
     test_x: torch.Tensor,
-    test_y: torch.Tensor,
     profile: Profile,
     num_classes: int,
     cfg: EvalConfig,
     run_seed: int,
-) -> float:
-    """Train a fresh cfg.model on (train_x, train_y) and return its test accuracy in percent.
-
-    `run_seed` fixes the initial weights, the shuffling and the DSA draws.
-    """
+) -> nn.Module:
+    """A fresh cfg.model trained on (train_x, train_y); `run_seed` fixes the initial weights, the
+    shuffling and the DSA draws. test_x is only checked for its shape, before the training."""
     _check_images(train_x, profile, "training")
     _check_images(test_x, profile, "test")
     device = _device(cfg)
@@ -168,6 +178,21 @@ def train_and_test(
     x = train_x.to(device=device, dtype=torch.float32)
     y = train_y.to(device=device, dtype=torch.int64)
     train(model, x, y, profile.augment, cfg, generator)
+    return model
+
+
+def train_and_test(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    profile: Profile,
+    num_classes: int,
+    cfg: EvalConfig,
+    run_seed: int,
+) -> float:
+    """Train a fresh cfg.model on (train_x, train_y) and return its test accuracy in percent."""
+    model = trained_model(train_x, train_y, test_x, profile, num_classes, cfg, run_seed)
     return test_accuracy(model, test_x.float(), test_y.long())
 
 
@@ -214,24 +239,28 @@ def _check_manifest(manifest: dict, profile: Profile, export_dir: str) -> None:
         )
 
 
-def _timed_run(x, y, test_x, test_y, profile, num_classes, cfg, seed) -> tuple[float, float]:
+def _timed_run(x, y, test_x, test_y, profile, num_classes, cfg, seed):
+    """(accuracy %, accuracy % per class, seconds) of one training run."""
     started = time.perf_counter()
-    accuracy = train_and_test(x, y, test_x, test_y, profile, num_classes, cfg, seed)
-    return accuracy, time.perf_counter() - started
+    model = trained_model(x, y, test_x, profile, num_classes, cfg, seed)
+    predicted = test_predictions(model, test_x.float())
+    accuracy = 100.0 * int((predicted == test_y.cpu()).sum()) / len(test_y)
+    per_class = class_accuracy(predicted, test_y, num_classes)
+    return accuracy, per_class, time.perf_counter() - started
 
 
 def _train_runs(jobs, sets, test_x, test_y, profile, num_classes, cfg, progress) -> dict:
-    """Accuracy per (set name, seed). Where Ray is running, every run is a Ray task (one GPU
-    each where there are GPUs), so runs go in parallel as far as the cluster allows; otherwise
-    they run one after another here."""
+    """(accuracy, per-class accuracy) per (set name, seed). Where Ray is running, every run is a
+    Ray task (one GPU each where there are GPUs), so runs go in parallel as far as the cluster
+    allows; otherwise they run one after another here."""
     import sys
 
     ray = sys.modules.get("ray")
     accuracy = {}
 
     def record(job, result):
-        accuracy[job] = result[0]
-        line = f"eval {job[0]} seed {job[1]}: {result[0]:.2f}% ({result[1]:.1f} s)"
+        accuracy[job] = result[:2]
+        line = f"eval {job[0]} seed {job[1]}: {result[0]:.2f}% ({result[2]:.1f} s)"
         log.info(line)
         if progress is not None:
             progress(line)
@@ -289,7 +318,13 @@ def evaluate_condensed(
 
     def summary(name: str) -> dict | None:
         runs = [accuracy[job] for job in jobs if job[0] == name]
-        return _summary(runs) if runs else None
+        if not runs:
+            return None
+        # per class: the mean over runs
+        return {
+            **_summary([r[0] for r in runs]),
+            "per_class": np.mean([r[1] for r in runs], 0).tolist(),
+        }
 
     report = {
         "condensed": summary("condensed"),

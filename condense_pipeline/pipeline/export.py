@@ -3,9 +3,12 @@
 An export folder holds:
   wds/condensed-000000.tar ...      members png (8-bit), cls (label as text), json (class name,
                                     label, index, provenance)
-  parquet/condensed-000000.parquet  columns formats.PARQUET_COLUMNS; the float tensors too
+  parquet/condensed-000000.parquet  columns formats.PARQUET_COLUMNS; the float tensors too; the
+                                    image and class-label features that Hugging Face `datasets`
+                                    reads, in the schema metadata
   preview.png                       one row per class
   loss.png                          the condensation loss curve (when there is a loss log)
+  README.md                         the dataset card: recipe, accuracy once evaluated, license
   manifest.json                     normalisation, classes, evaluation recipe, provenance, and how
                                     far the float tensors are from their PNGs
   _DONE                             written last; readers trust only finished exports
@@ -30,7 +33,7 @@ import torch
 from PIL import Image, ImageDraw
 from webdataset import TarWriter
 
-from condense_pipeline import formats, storage
+from condense_pipeline import formats, plots, storage
 from condense_pipeline.datasets import Profile
 from condense_pipeline.evaluate.protocol import EvalConfig, recipe
 
@@ -40,19 +43,6 @@ PREVIEW_CLASSES = 20
 PREVIEW_PER_CLASS = 10
 PREVIEW_MIN_CELL = 32  # px; 8 px digits are upscaled (nearest) to be visible
 PREVIEW_LABEL_WIDTH = 90  # px of class name left of each row
-# Line colours for the loss plot's groups (matplotlib's tab10).
-COLOURS = [
-    (31, 119, 180),
-    (255, 127, 14),
-    (44, 160, 44),
-    (214, 39, 40),
-    (148, 103, 189),
-    (140, 86, 75),
-    (227, 119, 194),
-    (127, 127, 127),
-    (188, 189, 34),
-    (23, 190, 207),
-]
 
 
 def _stats(profile: Profile) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,12 +134,33 @@ def write_wds_shards(
     return names
 
 
-def parquet_schema(shape: tuple[int, int, int]) -> pa.Schema:
-    """The export's Parquet schema; the tensor's [C, H, W] is in the schema metadata."""
-    types = (pa.string(), pa.int64(), pa.string(), pa.binary(), pa.list_(pa.float32()))
+# The image column is a struct {bytes, path}: what Hugging Face `datasets` stores an Image as.
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def hf_features(class_names: list[str]) -> dict:
+    """The columns as Hugging Face `datasets` features, in the form its Parquet reader takes from
+    the schema metadata key "huggingface": the image as an Image, the label as a ClassLabel with
+    the class names. The tensor column is left for it to infer (a list of float32)."""
+    key, label, class_name, image, _ = formats.PARQUET_COLUMNS
+    return {
+        key: {"dtype": "string", "_type": "Value"},
+        label: {"names": list(class_names), "_type": "ClassLabel"},
+        class_name: {"dtype": "string", "_type": "Value"},
+        image: {"_type": "Image"},
+    }
+
+
+def parquet_schema(shape: tuple[int, int, int], class_names: list[str]) -> pa.Schema:
+    """The export's Parquet schema; the tensor's [C, H, W] and the features are in its metadata."""
+    types = (pa.string(), pa.int64(), pa.string(), IMAGE_TYPE, pa.list_(pa.float32()))
+    features = {"info": {"features": hf_features(class_names)}}
     return pa.schema(
         list(zip(formats.PARQUET_COLUMNS, types, strict=True)),
-        metadata={formats.TENSOR_SHAPE_METADATA: json.dumps(list(shape))},
+        metadata={
+            formats.TENSOR_SHAPE_METADATA: json.dumps(list(shape)),
+            formats.HF_METADATA: json.dumps(features),
+        },
     )
 
 
@@ -163,7 +174,7 @@ def write_parquet_shards(
     shard_size: int,
 ) -> list[str]:
     """Write parquet/condensed-NNNNNN.parquet files of `shard_size` rows; returns their names."""
-    schema = parquet_schema(tuple(images.shape[1:]))
+    schema = parquet_schema(tuple(images.shape[1:]), class_names)
     flat = images.flatten(1).numpy()  # float32 already: a view, not a copy
     names = []
     for shard, start in enumerate(range(0, len(keys), shard_size)):
@@ -171,11 +182,15 @@ def write_parquet_shards(
         chunk = flat[rows]
         offsets = np.arange(0, chunk.size + 1, chunk.shape[1], dtype=np.int32)
         tensor = pa.ListArray.from_arrays(offsets, pa.array(chunk.reshape(-1)))
+        image = pa.StructArray.from_arrays(
+            [pa.array(pngs[rows], pa.binary()), pa.array([f"{k}.png" for k in keys[rows]])],
+            fields=list(IMAGE_TYPE),
+        )
         columns = [
             pa.array(keys[rows], pa.string()),
             pa.array(labels[rows], pa.int64()),
             pa.array([class_names[label] for label in labels[rows]], pa.string()),
-            pa.array(pngs[rows], pa.binary()),
+            image,
             tensor,
         ]
         table = pa.Table.from_arrays(columns, schema=schema)
@@ -206,58 +221,101 @@ def preview_png(pixels: torch.Tensor, labels: list[int], class_names: list[str])
     return storage.buffer_to_bytes(lambda f: canvas.save(f, format="PNG"))
 
 
-def _curves(loss_log: list[dict]) -> dict[str, list[tuple[float, float]]]:
-    curves: dict[str, list[tuple[float, float]]] = {}
-    for row in loss_log:
-        loss = float(row["loss"])
-        if math.isfinite(loss):
-            curves.setdefault(str(row.get("group", "")), []).append((float(row["step"]), loss))
-    return curves
+# What the source data's terms say, in short; the condensed images derive from it, so they apply.
+SOURCE_LICENSES = {
+    "digits": "scikit-learn's copy of the UCI Optical Recognition of Handwritten Digits data, "
+    "CC BY 4.0.",
+    "mnist": "MNIST (LeCun, Cortes, Burges); redistributed under various terms (CC BY-SA 3.0, "
+    "MIT on the Hugging Face Hub); check those of the copy you used.",
+    "fashion-mnist": "Fashion-MNIST (Zalando Research), MIT.",
+    "cifar10": "CIFAR-10 (Krizhevsky, 2009): no formal license; cite the technical report.",
+    "cifar100": "CIFAR-100 (Krizhevsky, 2009): no formal license; cite the technical report.",
+    "svhn": "SVHN (Netzer et al., 2011): non-commercial use only.",
+    "tinyimagenet": "Tiny ImageNet, a subset of ImageNet: ImageNet's terms of access apply "
+    "(non-commercial research and education; the images' copyright stays with their owners).",
+    "imagenet": "ImageNet's terms of access apply (non-commercial research and education; the "
+    "images' copyright stays with their owners).",
+}
+UNKNOWN_LICENSE = "Not recorded: the license of the source data applies; check it before sharing."
 
 
-def loss_png(loss_log: list[dict], width: int = 640, height: int = 400) -> bytes | None:
-    """A line plot of loss against step, one line per group; log scale when every loss is > 0.
+def dataset_card(manifest: dict, dataset: str, report: dict | None = None) -> str:
+    """README.md for an export folder: front matter the Hugging Face Hub reads, what the set is,
+    how to load it, the recipe, the accuracy when it is known, and the source data's license."""
+    prov = manifest["provenance"]
+    r = manifest["recipe"]
+    lines = [
+        "---",
+        "task_categories:",
+        "- image-classification",
+        "tags:",
+        "- dataset-condensation",
+        "- synthetic",
+        "configs:",
+        "- config_name: default",
+        f"  data_files: {formats.EXPORT_PARQUET_DIR}/*.parquet",
+        "---",
+        "",
+        f"# Condensed {dataset}: {manifest['num_images']} synthetic images",
+        "",
+        f"{len(manifest['classes'])} classes, {manifest['channels']} channel(s), "
+        f"{manifest['resolution']} px, made with condense-pipeline "
+        f"(method {prov.get('method')}, {prov.get('ipc')} stored images per class, "
+        f"multi-formation factor {prov.get('factor')}).",
+        "",
+        "## Files and columns",
+        "",
+        f"- `{formats.EXPORT_PARQUET_DIR}/*.parquet`: `key`, `label` (a class label with names), "
+        "`class_name`, `image` (PNG, 8 bit), `tensor` (the float32 image before rounding, "
+        "normalised, flattened [C, H, W]).",
+        f"- `{formats.EXPORT_WDS_DIR}/*.tar`: WebDataset shards, members `png`, `cls`, `json`.",
+        f"- `{formats.MANIFEST}`: normalisation (mean {manifest['mean']}, std {manifest['std']}), "
+        "classes, training recipe, provenance.",
+        "",
+        "## Loading",
+        "",
+        "```python",
+        "from datasets import load_dataset",
+        f'files = "{formats.EXPORT_PARQUET_DIR}/*.parquet"',
+        'ds = load_dataset("parquet", data_files=files)["train"]  # image: PIL, label: ClassLabel',
+        "",
+        "from condense_pipeline.evaluate import load_condensed  # a torch Dataset, normalised",
+        "```",
+        "",
+        "## Training recipe",
+        "",
+        f"{r['model']}, SGD lr {r['lr']}, momentum {r['momentum']}, weight decay "
+        f"{r['weight_decay']}, batch {r['batch_size']}, {r['epochs']} epochs, "
+        f"lr {r['lr_schedule']}; "
+        f"augmentation: {r['augment']} ({', '.join(r['augment_strategy'])}). "
+        "Test on the real test split.",
+        "",
+        "## Accuracy",
+        "",
+    ]
+    if report and report.get("condensed"):
+        c, b = report["condensed"], report.get("random_real")
+        line = (
+            f"{report['model']}, {report['epochs']} epochs, {report['runs']} runs, on "
+            f"{report['num_test']} real test images: condensed {c['mean']:.2f} ± {c['std']:.2f} %"
+        )
+        if b:
+            line += f"; random real images, same IPC: {b['mean']:.2f} ± {b['std']:.2f} %"
+        lines.append(line + ".")
+    else:
+        lines.append("Not evaluated yet (`condense-pipeline evaluate` fills this in).")
+    lines += ["", "## Provenance", ""]
+    lines += [f"- {k}: {v}" for k, v in sorted(prov.items())]
+    lines += ["", "## Source data and license", ""]
+    lines.append(SOURCE_LICENSES.get(dataset, UNKNOWN_LICENSE))
+    return "\n".join(lines) + "\n"
 
-    Drawn with PIL (matplotlib is not a dependency). None when no row has a finite loss.
-    """
-    curves = _curves(loss_log)
-    points = [p for curve in curves.values() for p in curve]
-    if not points:
-        return None
-    log_scale = all(loss > 0 for _, loss in points)
-    to_y = math.log10 if log_scale else float
-    xs = [x for x, _ in points]
-    ys = [to_y(loss) for _, loss in points]
-    # A flat curve or a single step still needs a non-empty range to draw in.
-    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
-    y0, y1 = min(ys), max(max(ys), min(ys) + 1e-3)
-    left, right, top, bottom = 80, 20, 30, 50
-    plot_w, plot_h = width - left - right, height - top - bottom
 
-    def at(x: float, y: float) -> tuple[float, float]:
-        return left + (x - x0) / (x1 - x0) * plot_w, top + (1 - (y - y0) / (y1 - y0)) * plot_h
-
-    image = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([left, top, left + plot_w, top + plot_h], outline=(0, 0, 0))
-    for frac in (0.0, 0.5, 1.0):
-        x, y = x0 + frac * (x1 - x0), y0 + frac * (y1 - y0)
-        px, py = at(x, y)
-        draw.text((px - 10, top + plot_h + 5), f"{x:g}", fill=(0, 0, 0))
-        label = f"{10**y:.3g}" if log_scale else f"{y:.3g}"
-        draw.text((5, py - 5), label, fill=(0, 0, 0))
-    draw.text((left + plot_w // 2 - 10, height - 20), "step", fill=(0, 0, 0))
-    draw.text((left, 8), "loss (log scale)" if log_scale else "loss", fill=(0, 0, 0))
-    for n, (group, curve) in enumerate(sorted(curves.items())):
-        colour = COLOURS[n % len(COLOURS)]
-        xy = [at(x, to_y(loss)) for x, loss in sorted(curve)]
-        if len(xy) > 1:
-            draw.line(xy, fill=colour, width=2)
-        else:
-            draw.ellipse([xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2], fill=colour)
-        if group and n < len(COLOURS):
-            draw.text((left + plot_w - 120, top + 5 + 12 * n), group[:18], fill=colour)
-    return storage.buffer_to_bytes(lambda f: image.save(f, format="PNG"))
+def write_dataset_card(out_dir: str, dataset: str, report: dict | None = None) -> None:
+    """(Re)write the export's README.md, e.g. once its evaluation report exists."""
+    manifest = storage.read_json(storage.join(out_dir, formats.MANIFEST))
+    card = dataset_card(manifest, dataset, report)
+    storage.write_bytes(storage.join(out_dir, formats.DATASET_CARD), card.encode())
 
 
 def _check_inputs(images: torch.Tensor, labels: torch.Tensor, class_names: list[str], profile):
@@ -279,6 +337,7 @@ def export_condensed(
     *,
     provenance: dict,
     loss_log: list[dict] | None = None,
+    probe_of_step=None,
     shard_size: int = 10000,
 ) -> dict:
     """Write a condensed set to `out_dir` (local or object store); returns a summary.
@@ -286,6 +345,7 @@ def export_condensed(
     images: [n, C, H, W] float32 in the profile's normalised space, already decoded (f^2 images per
     stored image when a multi-formation factor was used); labels: [n] int class indices into
     class_names. `provenance` (JSON values) goes into every sample's json and the manifest.
+    `probe_of_step` maps a logged step to its probe, for the loss plot (plots.loss_png).
     """
     started = time.perf_counter()
     _check_inputs(images, labels, class_names, profile)
@@ -303,7 +363,7 @@ def export_condensed(
     storage.write_bytes(
         storage.join(out_dir, formats.PREVIEW_PNG), preview_png(pixels, label_list, class_names)
     )
-    plot = loss_png(loss_log) if loss_log else None
+    plot = plots.loss_png(loss_log, probe_of_step) if loss_log else None
     if plot is not None:
         storage.write_bytes(storage.join(out_dir, formats.LOSS_PNG), plot)
 
@@ -322,6 +382,9 @@ def export_condensed(
         **error,
     }
     storage.write_json(storage.join(out_dir, formats.MANIFEST), manifest)
+    storage.write_bytes(
+        storage.join(out_dir, formats.DATASET_CARD), dataset_card(manifest, profile.name).encode()
+    )
     summary = {
         "out_dir": out_dir,
         "num_images": len(label_list),
