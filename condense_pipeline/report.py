@@ -231,7 +231,8 @@ def build_report(run_dir: str) -> str:
         raise UserError(f"{run_dir} holds no exported condensation; run `condense-pipeline run`")
     manifest = _read(storage.join(run_dir, formats.MANIFEST)) or {}
     bank = _read(storage.join(run_dir, formats.STATS_DIR, formats.BANK_JSON))
-    dataset = manifest.get("dataset") or (bank or {}).get("profile", "")
+    dataset = manifest.get("dataset") or (bank or {}).get("profile")
+    name = f"condense-pipeline report: {dataset}" if dataset else "condense-pipeline report"
     sections, points = [], []
     for folder in folders:
         section, point = condensation_section(run_dir, folder)
@@ -240,15 +241,15 @@ def build_report(run_dir: str) -> str:
             points.append(point)
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime())
     head = (
-        f"<h1>condense-pipeline report: {html.escape(str(dataset))}</h1>"
+        f"<h1>{html.escape(name)}</h1>"
         f'<p class="muted">{html.escape(run_dir)}, {len(folders)} condensation(s), '
         f"written {when}</p>"
     )
     body = head + "".join(sections) + steps_section(points) + run_section(manifest, bank)
-    title = html.escape(f"condense-pipeline report: {dataset}")
     return (
-        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-        f"<style>{STYLE}</style></head><body>{body}</body></html>\n"
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(name)}</title><style>{STYLE}</style></head>"
+        f"<body>{body}</body></html>\n"
     )
 
 

@@ -36,6 +36,7 @@ def test_datasets_lists_every_profile():
         (["stats", "digits", "--out", "x", "--data", "/no/such/shards"], "no shards at"),
         (["condense", "/no/such/run", "--ipc", "1"], "no finished statistics"),
         (["show", "/no/such/run"], "is not a run directory"),
+        (["report", "/no/such/run"], "holds no exported condensation"),
         (["stats", "digits", "--out", "x", "--method", "foo"], "unknown method 'foo'"),
         (["stats", "digits", "--out", "x", "--stall-timeout", "0"], "--stall-timeout must be"),
     ],
@@ -45,6 +46,17 @@ def test_user_errors_are_one_line_and_exit_2(args, message, tmp_path):
     assert out.returncode == 2
     assert message in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_help_says_what_the_tool_does_without_type_tags():
+    top = cli("--help")
+    assert top.returncode == 0
+    assert "Condense an image dataset" in top.stdout and "frozen configs" not in top.stdout
+    for command in ("run", "evaluate", "report"):
+        out = cli(command, "--help")
+        assert out.returncode == 0 and "--help" in out.stdout
+        assert not re.search(r"<(int|str|bool|float)>", out.stdout), out.stdout
+    assert "--epochs EPOCHS" in cli("evaluate", "--help").stdout
 
 
 def test_run_imagenet_without_shards_says_how_to_prepare(tmp_path):
@@ -93,9 +105,15 @@ def test_every_command_and_a_rerun_that_resumes(digits_data, tmp_path):
     run_dir = tmp_path / "run"
     data, test = str(digits_data / "train"), str(digits_data / "test")
     budget = ["--probes", "4", "--iterations", "10", "--epochs", "2", "--runs", "1"]
-    first = ok(cli("run", "digits", "--ipc", "1", "--data", data, "--test", test,
-                   "--out", str(run_dir), *budget))  # fmt: skip
+    run = cli("run", "digits", "--ipc", "1", "--data", data, "--test", test,
+              "--out", str(run_dir), *budget)  # fmt: skip
+    first = ok(run)
     assert "condensed" in first and "random real" in first
+    # The summary ends with the report's path; Ray's start-up lines stay hidden without --verbose.
+    assert first.strip().splitlines()[-1] == f"report: {run_dir / 'report.html'}"
+    assert "<img" in (run_dir / "report.html").read_text()
+    assert "Token authentication" not in run.stderr and "Started a local Ray" not in run.stderr
+    assert "Execution plan of Dataset" not in run.stderr
     (folder,) = (run_dir / "condense").iterdir()
     stamps = group_files(folder)
     assert stamps
