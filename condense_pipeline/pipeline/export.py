@@ -307,7 +307,11 @@ def dataset_card(manifest: dict, dataset: str, report: dict | None = None) -> st
     lines += ["", "## Provenance", ""]
     lines += [f"- {k}: {v}" for k, v in sorted(prov.items())]
     lines += ["", "## Source data and license", ""]
-    lines.append(SOURCE_LICENSES.get(dataset, UNKNOWN_LICENSE))
+    lines.append(
+        "The images derive from the source data, whose terms apply to them. For the data of the "
+        f"`{dataset}` profile: {SOURCE_LICENSES.get(dataset, UNKNOWN_LICENSE)} (Data of your own "
+        "condensed with this profile keeps its own terms.)"
+    )
     return "\n".join(lines) + "\n"
 
 
