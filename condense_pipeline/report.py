@@ -168,7 +168,9 @@ def run_section(manifest: dict, bank: dict | None) -> str:
     parts = []
     stages = manifest.get("stages", {})
     if stages:
-        rows = [[name, st["status"], f"{st['seconds']:.1f}"] for name, st in stages.items()]
+        order = ["stats", "condense", "export", "evaluate"]  # the manifest's keys come sorted
+        names = sorted(stages, key=lambda n: order.index(n) if n in order else len(order))
+        rows = [[n, stages[n]["status"], f"{stages[n]['seconds']:.1f}"] for n in names]
         parts.append("<h2>Stages (last run)</h2>" + _table(["stage", "status", "seconds"], rows, 2))
     reuse = []
     stats = manifest.get("stats")
