@@ -47,6 +47,9 @@ class StatsConfig:
     workers: int | None = None  # None: one per GPU, or CPUs minus one for reading
     shards_per_unit: int = 8
     batch_size: int = 512
+    # decoded images a stats worker holds before forwarding them probe by probe (and at each
+    # checkpoint): bounds its memory (about twice this at a flush) whatever K and C
+    buffer_mib: int = 512
     max_bad_fraction: float = 0.01
     stall_timeout_s: float = 600.0
 

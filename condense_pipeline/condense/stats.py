@@ -180,6 +180,15 @@ def _merge_counts(a: dict, b: dict) -> dict:
     return out
 
 
+# One probe's images go through its network at most this many at a time: it bounds what a
+# forward holds (DataDAM keeps every block's activations), as the batch size did before.
+FORWARD_CHUNK = 512
+# Probe forwards held at most before a flush: bounds how long one flush keeps a worker from
+# answering (about 3 minutes for 2 cores at 32 px) while leaving K = 100 to 1000 probes
+# hundreds of images each per flush.
+FLUSH_FORWARDS = 2**18
+
+
 def accumulate(
     stats: ClassStats,
     bank: ProbeBank,
@@ -190,47 +199,137 @@ def accumulate(
     bandwidths: torch.Tensor | None = None,
     attention_power: float = 1.0,
 ) -> int:
-    """Add a batch of good real images to `stats`; returns the number of probe forwards.
+    """Add a batch of good real images to `stats` now; returns the number of probe forwards.
 
     images uint8 [n, H, W, ch]; labels int [n]; class_counts [C] (n_c, for the subsampling rule);
-    bandwidths [K, C] (M3D only). Each image is normalised once and forwarded through every probe
-    it belongs to, the batch grouped by probe.
+    bandwidths [K, C] (M3D only). Each image is normalised once per probe it belongs to and the
+    batch is forwarded probe by probe (PendingForwards, flushed at once).
     """
-    spec = bank.spec
-    member = membership(
-        key_hashes(keys, spec.seed), labels, class_counts, spec.probes, spec.real_per_probe
-    )
-    x = bank.normalize(images)
-    lab = torch.from_numpy(labels.astype(np.int64))
-    forwards = 0
-    for k in np.nonzero(member.any(0))[0].tolist():
-        idx = torch.from_numpy(np.nonzero(member[:, k])[0])
-        lk = lab[idx]
-        lk_dev = lk.to(bank.device)
+    pending = PendingForwards(bank, class_counts, bandwidths, attention_power)
+    forwards = pending.add(stats, images, labels, keys)
+    pending.flush(stats)
+    return forwards
+
+
+class PendingForwards:
+    """Real images waiting for their probe forwards, added to the statistics probe by probe.
+
+    `add` counts a batch and offers it to the init pools at once, and holds the images (uint8)
+    that some probe samples, with their (image, probe) pairs; `flush` forwards them probe-major:
+    each probe's network runs on a few large chunks and M3D draws its random-feature basis once
+    per probe, whatever K. (Batch by batch, K = 100 at M = 32 on MNIST gave each probe about 3
+    images of a 512-image batch and redrew about 100 bases per batch.) `add` flushes by itself
+    once the held images and pairs reach `capacity_bytes` (None: never), which bounds the memory
+    whatever K and C, or once FLUSH_FORWARDS forwards are due; whoever saves the statistics
+    must flush first, or the checkpoint misses the held images. The probe order alternates
+    between flushes, so that the bases the last flush ended with are still in the bank's cache
+    when the next one starts.
+    """
+
+    def __init__(
+        self,
+        bank: ProbeBank,
+        class_counts: np.ndarray,
+        bandwidths: torch.Tensor | None = None,
+        attention_power: float = 1.0,
+        capacity_bytes: int | None = None,
+        chunk: int = FORWARD_CHUNK,
+    ):
+        self.bank, self.counts, self.bandwidths = bank, np.asarray(class_counts), bandwidths
+        self.attention_power, self.capacity_bytes, self.chunk = (
+            attention_power,
+            capacity_bytes,
+            chunk,
+        )
+        self._reverse = False
+        self.clear()
+
+    def clear(self) -> None:
+        """Drop what is held (when the statistics it was meant for are replaced)."""
+        self._images: list[torch.Tensor] = []
+        self._labels: list[np.ndarray] = []
+        self._rows: list[np.ndarray] = []  # per batch: the held image of each (image, probe) pair
+        self._probes: list[np.ndarray] = []
+        self.held = 0  # images held
+        self.forwards = 0  # probe forwards they are due
+        self.nbytes = 0  # bytes of the held images and pairs
+
+    def add(
+        self, stats: ClassStats, images: torch.Tensor, labels: np.ndarray, keys: list[str]
+    ) -> int:
+        """Count a batch of good images (uint8 [n, H, W, ch], labels [n]) into `stats` and hold
+        what the probes need; returns the probe forwards it takes (now or at a flush)."""
+        spec = self.bank.spec
+        _count_and_pool(stats, images, labels, keys, self.counts, spec.seed)
+        member = membership(
+            key_hashes(keys, spec.seed), labels, self.counts, spec.probes, spec.real_per_probe
+        )
+        used = np.nonzero(member.any(1))[0]
+        rows, probes = np.nonzero(member[used])  # row-major: each probe's images in arrival order
+        if len(used):
+            self._images.append(images[torch.from_numpy(used)].cpu())
+            self._labels.append(labels[used].astype(np.int64))
+            self._rows.append(rows + self.held)
+            self._probes.append(probes.astype(np.int32))
+            self.held += len(used)
+            self.forwards += len(rows)
+            self.nbytes += self._images[-1].nbytes + 12 * len(rows)
+        if self.capacity_bytes is not None and (
+            self.nbytes >= self.capacity_bytes or self.forwards >= FLUSH_FORWARDS
+        ):
+            self.flush(stats)
+        return len(rows)
+
+    def flush(self, stats: ClassStats) -> None:
+        """Forward every held image through its probes and add the results to `stats`."""
+        if not self.held:
+            return
+        images = torch.cat(self._images)
+        labels = torch.from_numpy(np.concatenate(self._labels))
+        rows, probes = np.concatenate(self._rows), np.concatenate(self._probes)
+        self.clear()
+        order = np.argsort(probes, kind="stable")
+        rows, probes = rows[order], probes[order]
+        K = self.bank.spec.probes
+        bounds = np.searchsorted(probes, np.arange(K + 1))
+        for k in reversed(range(K)) if self._reverse else range(K):
+            for start in range(bounds[k], bounds[k + 1], self.chunk):
+                idx = torch.from_numpy(rows[start : min(start + self.chunk, bounds[k + 1])])
+                self._add_probe(stats, k, images[idx], labels[idx])
+        self._reverse = not self._reverse
+
+    def _add_probe(self, stats: ClassStats, k: int, images: torch.Tensor, labels: torch.Tensor):
+        """Forward images (uint8 [n, H, W, ch]) of classes `labels` [n] through probe k."""
+        bank = self.bank
+        lab = labels.to(bank.device)
         with torch.no_grad():
-            emb, acts = bank.network(k).activations(bank.augment(k, x[idx.to(bank.device)], lk))
-        forwards += len(idx)
+            x = bank.augment(k, bank.normalize(images), labels)
+            emb, acts = bank.network(k).activations(x)
         emb64 = emb.double()
-        stats.count[k].index_add_(0, lk_dev, torch.ones_like(emb64[:, 0]))
-        stats.sqnorm_sum[k].index_add_(0, lk_dev, (emb64 * emb64).sum(1))
+        stats.count[k].index_add_(0, lab, torch.ones_like(emb64[:, 0]))
+        stats.sqnorm_sum[k].index_add_(0, lab, (emb64 * emb64).sum(1))
         if stats.emb_sum is not None:
-            stats.emb_sum[k].index_add_(0, lk_dev, emb64)
+            stats.emb_sum[k].index_add_(0, lab, emb64)
         if stats.rff_sum is not None:
-            phi = bank.rff(k, emb, bandwidths[k].to(bank.device)[lk_dev].float())
-            stats.rff_sum[k].index_add_(0, lk_dev, phi.double())
+            phi = bank.rff(k, emb, self.bandwidths[k].to(bank.device)[lab].float())
+            stats.rff_sum[k].index_add_(0, lab, phi.double())
         for a_sum, act in zip(stats.att_sum, acts):
-            stats_att = attention_map(act, attention_power).double()
-            a_sum[k].index_add_(0, lk_dev, stats_att)
-    stats.seen += torch.bincount(lab, minlength=len(stats.seen))
-    # Only images below their class's limit that beat its current largest pool hash can enter the
-    # pool; most batches hold none once the pool is full, and skipping them keeps this cheap.
-    hashes = pool_hashes(keys, spec.seed)
+            a_sum[k].index_add_(0, lab, attention_map(act, self.attention_power).double())
+
+
+def _count_and_pool(stats: ClassStats, images, labels, keys, class_counts, seed: int) -> None:
+    """Count a batch per class and offer it to the class's init pool."""
+    stats.seen += torch.bincount(
+        torch.from_numpy(labels.astype(np.int64)), minlength=len(stats.seen)
+    )
     P = stats.pool_hash.shape[1]
     if P == 0:
-        return forwards
+        return
+    # Only images below their class's limit that beat its current largest pool hash can enter the
+    # pool; most batches hold none once the pool is full, and skipping them keeps this cheap.
+    hashes = pool_hashes(keys, seed)
     limit = np.minimum(stats.pool_hash[labels, -1], pool_limit(class_counts, P)[labels])
     candidate = hashes < limit
     for c in np.unique(labels[candidate]).tolist():
         rows = np.nonzero(candidate & (labels == c))[0]
         stats._offer(c, hashes[rows], images[torch.from_numpy(rows)].cpu(), [keys[i] for i in rows])
-    return forwards

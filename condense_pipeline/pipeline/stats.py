@@ -28,7 +28,7 @@ import torch
 from condense_pipeline import storage
 from condense_pipeline.condense.bank import NEEDS, BankSpec, ProbeBank, pilot_bandwidths
 from condense_pipeline.condense.sampling import needed, pool_hashes
-from condense_pipeline.condense.stats import ClassStats, accumulate
+from condense_pipeline.condense.stats import ClassStats, PendingForwards
 from condense_pipeline.config import StatsConfig
 from condense_pipeline.datasets import Profile
 from condense_pipeline.errors import UserError
@@ -80,21 +80,34 @@ def bank_spec(profile: Profile, cfg: StatsConfig) -> BankSpec:
 class StatsWorker:
     """Holds one running accumulator; the driver hands it blocks of decoded rows."""
 
-    def __init__(self, spec: BankSpec, init_pool: int, counts, bandwidths, device: str):
+    def __init__(
+        self,
+        spec: BankSpec,
+        init_pool: int,
+        counts,
+        bandwidths,
+        device: str,
+        threads: int = 1,
+        buffer_mib: int = 512,
+    ):
+        # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1); the plan may leave it more
+        torch.set_num_threads(threads)
         self.bank = ProbeBank(spec, device)
-        self.counts = np.asarray(counts)
-        self.bandwidths = bandwidths
         self.init_pool = init_pool
         self.stats = ClassStats.zeros(self.bank, init_pool)
+        self.pending = PendingForwards(
+            self.bank, counts, bandwidths, spec.attention_power, buffer_mib * 2**20
+        )
 
     def load(self, checkpoints: list[str]) -> None:
         """Start from the sum of committed checkpoints (none: from zero)."""
+        self.pending.clear()
         self.stats = ClassStats.zeros(self.bank, self.init_pool)
         for path in checkpoints:
             self.stats = self.stats + ClassStats.load(path, self.bank.device)
 
     def consume(self, block, batch_size: int) -> int:
-        """Add one block of decoded rows; returns the probe forwards it took."""
+        """Add one block of decoded rows; returns the probe forwards it takes."""
         from ray.data.block import BlockAccessor
 
         rows = BlockAccessor.for_block(block).to_numpy()
@@ -112,21 +125,27 @@ class StatsWorker:
                 kind = read.reason_kind(str(err))
                 kinds[kind] = kinds.get(kind, 0) + 1
             good = errors == ""
-            if good.any():
-                forwards += accumulate(
+            if good.any():  # forwarded now or at a later flush, probe by probe
+                forwards += self.pending.add(
                     self.stats,
-                    self.bank,
                     torch.from_numpy(np.ascontiguousarray(batch[IMAGE][good])),
                     batch[LABEL][good],
                     [str(k) for k in batch[KEY][good]],
-                    self.counts,
-                    self.bandwidths,
-                    self.bank.spec.attention_power,
                 )
         return forwards
 
     def save(self, location: str) -> None:
+        self.pending.flush(self.stats)  # a checkpoint holds every image consumed before it
         self.stats.save(location)
+
+
+def worker_threads(plan) -> int:
+    """Torch threads per stats worker: the cluster's CPUs shared among the workers. The reading
+    needs CPUs too, but only while it runs (with one worker on 2 CPUs, 2 threads ran the pass
+    faster than 1, oversubscription while reading included)."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) // plan.workers)
 
 
 # -- the driver --------------------------------------------------------------------------------
@@ -285,8 +304,11 @@ def run_stats(
     Worker = ray.remote(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus)(StatsWorker)
 
     def start_workers():
+        threads = worker_threads(plan)
         ws = [
-            Worker.remote(spec, cfg.init_pool, counts, bandwidths, torch_device)
+            Worker.remote(
+                spec, cfg.init_pool, counts, bandwidths, torch_device, threads, cfg.buffer_mib
+            )
             for _ in range(plan.workers)
         ]
         loads = [w.load.remote(state["checkpoints"][i :: len(ws)]) for i, w in enumerate(ws)]
