@@ -6,8 +6,9 @@ from conftest import small_spec
 
 from condense_pipeline.condense.bank import ProbeBank, pilot_bandwidths
 from condense_pipeline.condense.sampling import EMPTY_HASH, pool_hashes, pool_limit
-from condense_pipeline.condense.stats import ClassStats, accumulate
-from condense_pipeline.pipeline.stats import concat_classes
+from condense_pipeline.condense.stats import ClassStats, PendingForwards, accumulate
+from condense_pipeline.formats import ERROR, IMAGE, KEY, LABEL, SHARD
+from condense_pipeline.pipeline.stats import StatsWorker, concat_classes
 
 
 def _accumulate(bank, images, labels, keys, h, pool=12):
@@ -94,3 +95,66 @@ def test_exact_bandwidth_matches_pairwise_distances(bank, digits):
     stats = _accumulate(bank, images[sel], labels[sel], class_keys, h_pilot)
     # every image of the class in both: the sums give the exact mean pairwise distance
     assert _rel(stats.exact_bandwidth()[:, 3], h_pilot[:, 3]) < 1e-4
+
+
+def _assert_same_stats(a, b, tol):
+    assert torch.equal(a.count, b.count) and torch.equal(a.seen, b.seen)
+    for name in ("sqnorm_sum", "emb_sum"):
+        assert _rel(getattr(a, name), getattr(b, name)) < tol, name
+    # the features add a float32 projection and a cosine to the embeddings' differences
+    assert _rel(a.rff_sum, b.rff_sum) < 10 * tol
+    for x, y in zip(a.att_sum, b.att_sum):
+        assert _rel(x, y) < tol
+    assert a.pool_keys == b.pool_keys and torch.equal(a.pool_images, b.pool_images)
+
+
+def test_held_images_forwarded_probe_by_probe_equal_batch_by_batch(digits):
+    """A worker holds images and forwards them probe-major at each flush; the statistics are
+    those of adding every batch at once (only the forwards' batch composition differs)."""
+    images, labels, keys = digits
+    bank = ProbeBank(small_spec(real_per_probe=20, probes=8))
+    h = pilot_bandwidths(bank, images[:400], torch.from_numpy(labels[:400]))
+    counts = np.bincount(labels, minlength=10)
+    batch_by_batch, held = ClassStats.zeros(bank, 12), ClassStats.zeros(bank, 12)
+    capacity = 20_000  # bytes: several flushes over the 1797 images
+    pending = PendingForwards(bank, counts, h, capacity_bytes=capacity)
+    forwards, due, flushes = 0, 0, 0
+    for i in range(0, len(labels), 64):
+        b = slice(i, i + 64)
+        forwards += accumulate(batch_by_batch, bank, images[b], labels[b], keys[b], counts, h)
+        before = pending.held
+        due += pending.add(held, images[b], labels[b], keys[b])
+        flushes += pending.held < before
+        assert pending.nbytes < capacity  # a full buffer is flushed by the add that fills it
+    assert flushes >= 3 and pending.held > 0
+    assert due == forwards and held.count.sum() < forwards  # the held ones are not counted yet
+    pending.flush(held)
+    assert held.count.sum() == forwards
+    _assert_same_stats(held, batch_by_batch, 1e-6)
+
+
+def test_a_worker_checkpoint_holds_every_image_it_consumed(tmp_path, digits):
+    from ray.data.block import BlockAccessor
+
+    images, labels, keys = digits
+    spec = small_spec(real_per_probe=20, probes=8)
+    counts = np.bincount(labels, minlength=10)
+    h = pilot_bandwidths(ProbeBank(spec), images[:400], torch.from_numpy(labels[:400]))
+    worker = StatsWorker(spec, 12, counts, h, "cpu", threads=1, buffer_mib=64)
+    n = len(labels)
+    block = BlockAccessor.batch_to_block(
+        {
+            KEY: np.array(keys),
+            IMAGE: images.numpy(),
+            LABEL: labels,
+            SHARD: np.array(["s0.tar"] * n),
+            ERROR: np.array([""] * n),
+        }
+    )
+    forwards = worker.consume(block, batch_size=100)
+    worker.save(str(tmp_path / "w.safetensors"))  # nothing was flushed before: 64 MiB held
+    saved = ClassStats.load(str(tmp_path / "w.safetensors"))
+    assert saved.count.sum() == forwards > 0
+    plain = ClassStats.zeros(ProbeBank(spec), 12)
+    accumulate(plain, ProbeBank(spec), images, labels, keys, counts, h)
+    _assert_same_stats(saved, plain, 1e-6)
