@@ -1,12 +1,13 @@
 """Statistics-pass throughput: the whole Ray pass (read, decode, StatsWorker) against the bare
-probe forwards through `accumulate` in one thread, on a synthetic 32 px 10-class dataset.
+probe forwards of one worker's accumulator, on a synthetic 32 px 10-class dataset.
 
     .venv/bin/python benchmarks/stats_pass.py --images 10000,100000 --probes 10 --real-per-probe 64
 
 Per dataset size: random uint8 images (cifar10 profile) are prepared into shards, then a child
 process starts Ray (not timed), runs `run_stats` (timed) while sampling the RSS of every
-"StatsWorker" process every 0.5 s, and then, in the same process, runs `accumulate` over the
-same images held in memory with torch.set_num_threads(1) (what a num_cpus=1 actor gets).
+"StatsWorker" process every 0.5 s, and then, in the same process, adds the same images held in
+memory to one accumulator as a worker does (PendingForwards, the worker's buffer, flushed at the
+end), with the torch threads a worker gets (CPUs / workers).
 "pass f/s" is probe forwards per second of the whole pass, "bare f/s" that of the bare loop;
 ratio = pass / bare (the target is >= 0.85 per worker; the table gives the worker count);
 "start s" is the time until the stats workers are ready (Ray Data's read tasks start meanwhile),
@@ -75,7 +76,7 @@ def child(args) -> None:
     import torch
 
     from condense_pipeline.condense.bank import ProbeBank
-    from condense_pipeline.condense.stats import ClassStats, accumulate
+    from condense_pipeline.condense.stats import ClassStats, PendingForwards
     from condense_pipeline.config import stats_config
     from condense_pipeline.datasets import get_profile
     from condense_pipeline.pipeline.stats import bank_spec, run_stats
@@ -113,21 +114,22 @@ def child(args) -> None:
     workers = result.summary["workers"]
     ray.shutdown()
 
-    # the bare loop: same bank, same images in memory, one thread, batches of cfg.batch_size
-    torch.set_num_threads(1)
+    # the bare loop: same bank, same images in memory, a worker's threads and buffer
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     data = np.load(os.path.join(folder, "source.npz"))
     images, labels = torch.from_numpy(data["x"]), data["y"].astype(np.int64)
     counts = np.bincount(labels, minlength=10)
     bank = ProbeBank(bank_spec(profile, cfg))
     stats = ClassStats.zeros(bank, cfg.init_pool)
+    pending = PendingForwards(bank, counts, None, cfg.attention_power, cfg.buffer_mib * 2**20)
     bank.network(0)  # build outside the clock, like the worker's constructor does for its bank
     bare_forwards, started = 0, time.perf_counter()
     for i in range(0, len(labels), cfg.batch_size):
         keys = [f"k{j}" for j in range(i, min(i + cfg.batch_size, len(labels)))]
-        bare_forwards += accumulate(
-            stats, bank, images[i : i + cfg.batch_size], labels[i : i + cfg.batch_size], keys,
-            counts, None, cfg.attention_power,
-        )  # fmt: skip
+        bare_forwards += pending.add(
+            stats, images[i : i + cfg.batch_size], labels[i : i + cfg.batch_size], keys
+        )
+    pending.flush(stats)
     bare_s = time.perf_counter() - started
     out = {
         "images": args.child,

@@ -183,10 +183,10 @@ def _merge_counts(a: dict, b: dict) -> dict:
 # One probe's images go through its network at most this many at a time: it bounds what a
 # forward holds (DataDAM keeps every block's activations), as the batch size did before.
 FORWARD_CHUNK = 512
-# Probe forwards held at most before a flush: bounds how long one flush keeps a worker from
-# answering (about 3 minutes for 2 cores at 32 px) while leaving K = 100 to 1000 probes
-# hundreds of images each per flush.
-FLUSH_FORWARDS = 2**18
+# Probe forwards held at most on a CPU before a flush: bounds how long one flush keeps a worker
+# from answering (about 3 minutes for 2 cores at 32 px) while leaving K = 100 to 1000 probes
+# hundreds of images each. On a GPU that many take seconds, and only the bytes held count.
+FLUSH_FORWARDS_CPU = 2**18
 
 
 def accumulate(
@@ -220,10 +220,10 @@ class PendingForwards:
     per probe, whatever K. (Batch by batch, K = 100 at M = 32 on MNIST gave each probe about 3
     images of a 512-image batch and redrew about 100 bases per batch.) `add` flushes by itself
     once the held images and pairs reach `capacity_bytes` (None: never), which bounds the memory
-    whatever K and C, or once FLUSH_FORWARDS forwards are due; whoever saves the statistics
-    must flush first, or the checkpoint misses the held images. The probe order alternates
-    between flushes, so that the bases the last flush ended with are still in the bank's cache
-    when the next one starts.
+    whatever K and C, or on a CPU once FLUSH_FORWARDS_CPU forwards are due. Whoever saves the
+    statistics must flush first, or the checkpoint misses the held images. The probe order
+    alternates between flushes, so that the bases the last flush ended with are still in the
+    bank's cache when the next one starts.
     """
 
     def __init__(
@@ -274,8 +274,9 @@ class PendingForwards:
             self.held += len(used)
             self.forwards += len(rows)
             self.nbytes += self._images[-1].nbytes + 12 * len(rows)
+        on_cpu = self.bank.device.type == "cpu"
         if self.capacity_bytes is not None and (
-            self.nbytes >= self.capacity_bytes or self.forwards >= FLUSH_FORWARDS
+            self.nbytes >= self.capacity_bytes or (on_cpu and self.forwards >= FLUSH_FORWARDS_CPU)
         ):
             self.flush(stats)
         return len(rows)

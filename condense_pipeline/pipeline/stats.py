@@ -141,8 +141,8 @@ class StatsWorker:
 
 def worker_threads(plan) -> int:
     """Torch threads per stats worker: the cluster's CPUs shared among the workers. The reading
-    needs CPUs too, but only while it runs (with one worker on 2 CPUs, 2 threads ran the pass
-    faster than 1, oversubscription while reading included)."""
+    needs CPUs too, but a worker that holds its images forwards most of them after the reading
+    of what it holds, so the oversubscription is short."""
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)) // plan.workers)
