@@ -158,3 +158,20 @@ def test_a_worker_checkpoint_holds_every_image_it_consumed(tmp_path, digits):
     plain = ClassStats.zeros(ProbeBank(spec), 12)
     accumulate(plain, ProbeBank(spec), images, labels, keys, counts, h)
     _assert_same_stats(saved, plain, 1e-6)
+
+
+def test_bases_drawn_ahead_on_a_thread_give_the_same_statistics(digits):
+    """What a GPU worker does (the next probe's basis drawn on a CPU thread), run on the CPU."""
+    images, labels, keys = digits
+    images, labels, keys = images[:600], labels[:600], keys[:600]
+    bank = ProbeBank(small_spec(statistics=("emb", "rff"), probes=8))
+    h = pilot_bandwidths(bank, images[:300], torch.from_numpy(labels[:300]))
+    counts = np.bincount(labels, minlength=10)
+    out = []
+    for draw_ahead in (False, True):
+        stats = ClassStats.zeros(ProbeBank(bank.spec), 0)
+        pending = PendingForwards(ProbeBank(bank.spec), counts, h, draw_ahead=draw_ahead)
+        pending.add(stats, images, labels, keys)
+        pending.flush(stats)
+        out.append(stats)
+    assert torch.equal(out[0].rff_sum, out[1].rff_sum) and out[0].count.sum() > 0

@@ -6,6 +6,7 @@ machine rebuilds the same probe without anything being shipped (DESIGN.md sectio
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -21,8 +22,9 @@ STATISTICS = ("emb", "rff", "att")  # what a bank can hold: DM needs emb; M3D rf
 # M3D also keeps the embedding sums: with the squared norms they give the exact bandwidth, to
 # report how far the pilot's estimate was.
 NEEDS = {"dm": ("emb",), "m3d": ("emb", "rff"), "datadam": ("att", "emb")}
-# Random-feature bases kept per bank (host or device memory): 24 bases at D = 2048, R = 5120.
+# Random-feature bases kept per bank (host or device memory): 25 bases at D = 2048, R = 5120.
 RFF_CACHE_BYTES = 2**30
+_RFF_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -130,16 +132,19 @@ class ProbeBank:
         after the other (PendingForwards, the condensation schedule), and the cache keeps the
         RFF_CACHE_BYTES of bases used last.
         """
-        if k in self._rff:
-            self._rff[k] = self._rff.pop(k)  # now the most recently used (dicts keep order)
-            return self._rff[k]
+        with _RFF_LOCK:  # a thread may be drawing the next probe's basis (PendingForwards)
+            if k in self._rff:
+                self._rff[k] = self._rff.pop(k)  # now the most recently used (dicts keep order)
+                return self._rff[k]
         g = torch.Generator().manual_seed(derive_seed(self.spec.seed, "rff", k))
         basis = torch.randn(self.embed_dim, self.spec.rff_dim, generator=g)
         phase = torch.rand(self.spec.rff_dim, generator=g) * (2 * math.pi)
-        while self._rff and (len(self._rff) + 1) * basis.nbytes > RFF_CACHE_BYTES:
-            del self._rff[next(iter(self._rff))]  # the least recently used
-        self._rff[k] = (basis.to(self.device), phase.to(self.device))
-        return self._rff[k]
+        drawn = (basis.to(self.device), phase.to(self.device))
+        with _RFF_LOCK:
+            while self._rff and (len(self._rff) + 1) * basis.nbytes > RFF_CACHE_BYTES:
+                del self._rff[next(iter(self._rff))]  # the least recently used
+            self._rff[k] = drawn
+        return drawn
 
     def rff_scales(self, h: torch.Tensor) -> torch.Tensor:
         """Column scales sqrt(2 / (h m)) for bandwidths h [n] -> [n, R]: W = G * scale."""

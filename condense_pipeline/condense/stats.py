@@ -9,6 +9,7 @@ hash is below `pool_limit`, which also merges exactly.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -234,13 +235,14 @@ class PendingForwards:
         attention_power: float = 1.0,
         capacity_bytes: int | None = None,
         chunk: int = FORWARD_CHUNK,
+        draw_ahead: bool | None = None,
     ):
         self.bank, self.counts, self.bandwidths = bank, np.asarray(class_counts), bandwidths
-        self.attention_power, self.capacity_bytes, self.chunk = (
-            attention_power,
-            capacity_bytes,
-            chunk,
-        )
+        self.attention_power = attention_power
+        self.capacity_bytes, self.chunk = capacity_bytes, chunk
+        # On a GPU the next probe's basis is drawn on a CPU thread while this probe's forwards
+        # run; on a CPU that thread would only take cores from the forwards.
+        self.draw_ahead = bank.device.type == "cuda" if draw_ahead is None else draw_ahead
         self._reverse = False
         self.clear()
 
@@ -293,7 +295,14 @@ class PendingForwards:
         rows, probes = rows[order], probes[order]
         K = self.bank.spec.probes
         bounds = np.searchsorted(probes, np.arange(K + 1))
-        for k in reversed(range(K)) if self._reverse else range(K):
+        due = [
+            k
+            for k in (reversed(range(K)) if self._reverse else range(K))
+            if bounds[k + 1] > bounds[k]
+        ]
+        if self.draw_ahead and stats.rff_sum is not None:
+            due = _bases_drawn_ahead(self.bank, due)
+        for k in due:
             for start in range(bounds[k], bounds[k + 1], self.chunk):
                 idx = torch.from_numpy(rows[start : min(start + self.chunk, bounds[k + 1])])
                 self._add_probe(stats, k, images[idx], labels[idx])
@@ -316,6 +325,18 @@ class PendingForwards:
             stats.rff_sum[k].index_add_(0, lab, phi.double())
         for a_sum, act in zip(stats.att_sum, acts):
             a_sum[k].index_add_(0, lab, attention_map(act, self.attention_power).double())
+
+
+def _bases_drawn_ahead(bank: ProbeBank, probes: list[int]):
+    """Yields the probes in order, each once its basis is in the bank's cache, the next one's
+    being drawn on a thread meanwhile."""
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(bank.rff_basis, probes[0])
+        for i, k in enumerate(probes):
+            future.result()
+            if i + 1 < len(probes):
+                future = pool.submit(bank.rff_basis, probes[i + 1])
+            yield k
 
 
 def _count_and_pool(stats: ClassStats, images, labels, keys, class_counts, seed: int) -> None:
