@@ -539,7 +539,7 @@ def _pilot(spec: BankSpec, images, labels, plan, device: str, timeout: float) ->
     import ray
 
     task = ray.remote(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus)(_pilot_task)
-    ref = task.remote(spec, images, labels, device)
+    ref = task.remote(spec, images, labels, device, worker_threads(plan))
     try:
         return ray.get(ref, timeout=timeout)
     except ray.exceptions.GetTimeoutError:
@@ -550,7 +550,8 @@ def _pilot(spec: BankSpec, images, labels, plan, device: str, timeout: float) ->
         ) from None
 
 
-def _pilot_task(spec: BankSpec, images, labels, device: str):
+def _pilot_task(spec: BankSpec, images, labels, device: str, threads: int):
+    torch.set_num_threads(threads)  # it runs before the workers: their CPUs are free
     return pilot_bandwidths(ProbeBank(spec, device), images, labels)
 
 
