@@ -52,6 +52,8 @@ class StatsConfig:
     buffer_mib: int = 512
     max_bad_fraction: float = 0.01
     stall_timeout_s: float = 600.0
+    # at most one commit (every worker writes its accumulator) per interval; 0: after every unit
+    commit_interval_s: float = 300.0
 
     def __post_init__(self):
         for m in self.methods:
@@ -62,6 +64,8 @@ class StatsConfig:
             raise UserError("--real-per-probe must be a positive number or 'all'")
         if self.stall_timeout_s <= 0:
             raise UserError("--stall-timeout must be a positive number of seconds")
+        if self.commit_interval_s < 0:
+            raise UserError("--commit-interval must be 0 or a positive number of seconds")
 
 
 @dataclass(frozen=True)

@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input or settings: the message says what is wrong and what to do."""
+
+
+class Stopped(Exception):
+    """The user stopped a stage (Ctrl-C, SIGTERM): the message says what was committed."""

@@ -104,6 +104,21 @@ def read_bytes(location: str) -> bytes:
         return f.read()
 
 
+def read_buffer(location: str) -> bytearray:
+    """A whole file in a writable buffer of its size, read without an intermediate copy."""
+    fs, path = resolve(location)
+    buf = bytearray(fs.get_file_info(path).size)
+    view = memoryview(buf)
+    with fs.open_input_file(path) as f:
+        done = 0
+        while done < len(buf):
+            n = f.readinto(view[done:])
+            if n == 0:
+                raise OSError(f"{location} ended after {done} of {len(buf)} bytes")
+            done += n
+    return buf
+
+
 def open_input(location: str):
     """A binary file object for streaming reads (tar shards)."""
     fs, path = resolve(location)

@@ -34,6 +34,7 @@ from condense_pipeline.datasets import get_profile
 from condense_pipeline.errors import UserError
 from condense_pipeline.formats import BANK_JSON, ERROR, IMAGE, KEY, LABEL
 from condense_pipeline.pipeline import read
+from condense_pipeline.pipeline.commits import PROGRESS_JSON
 from condense_pipeline.pipeline.condense import (
     CHECKPOINT,
     RESULT,
@@ -43,13 +44,7 @@ from condense_pipeline.pipeline.condense import (
     run_condense,
     split_groups,
 )
-from condense_pipeline.pipeline.stats import (
-    PROGRESS_JSON,
-    load_bandwidths,
-    load_stats,
-    run_stats,
-    stats_dir,
-)
+from condense_pipeline.pipeline.stats import load_bandwidths, load_stats, run_stats, stats_dir
 from condense_pipeline.prepare import prepare_dataset
 
 PROFILE = get_profile("digits")
@@ -70,6 +65,7 @@ STATS = replace(
     init_pool=8,
     shards_per_unit=2,
     stall_timeout_s=STALL_S,
+    commit_interval_s=0,  # a commit after every unit: a node is lost between two commits
 )
 CONDENSE = condense_config(PROFILE, "dm", 2, steps=800, groups=2, stall_timeout_s=STALL_S)
 
@@ -396,6 +392,8 @@ def test_killed_driver_resumes_from_committed_units_and_checkpoints(cluster, sha
         "500",  # checkpoints at steps 200 and 400
         "--classes",
         "0-3",
+        "--commit-interval",
+        "0",  # the first unit is committed alone
         "--no-eval",
         "--address",
         cluster.address,

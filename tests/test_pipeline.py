@@ -20,14 +20,13 @@ from condense_pipeline.config import condense_config, stats_config
 from condense_pipeline.datasets import get_profile
 from condense_pipeline.formats import ERROR, IMAGE, KEY, LABEL
 from condense_pipeline.pipeline import read
+from condense_pipeline.pipeline.commits import PARTIAL_DIR, PROGRESS_JSON
 from condense_pipeline.pipeline.condense import run_condense
+from condense_pipeline.pipeline.pilot import pilot_images
 from condense_pipeline.pipeline.stats import (
-    PARTIAL_DIR,
-    PROGRESS_JSON,
     bank_spec,
     load_bandwidths,
     load_stats,
-    pilot_images,
     run_stats,
     stats_dir,
 )
@@ -130,6 +129,7 @@ from condense_pipeline.datasets import get_profile
 from condense_pipeline.pipeline.stats import run_stats
 p = get_profile("digits")
 cfg = replace(stats_config(p, ("dm",)), probes=40, init_pool=4, shards_per_unit=1, workers=1)
+cfg = replace(cfg, commit_interval_s=0)  # a commit after every unit
 run_stats(p, sys.argv[1], sys.argv[2], cfg, progress=print)
 """
 

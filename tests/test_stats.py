@@ -8,7 +8,8 @@ from condense_pipeline.condense.bank import ProbeBank, pilot_bandwidths
 from condense_pipeline.condense.sampling import EMPTY_HASH, pool_hashes, pool_limit
 from condense_pipeline.condense.stats import ClassStats, PendingForwards, accumulate
 from condense_pipeline.formats import ERROR, IMAGE, KEY, LABEL, SHARD
-from condense_pipeline.pipeline.stats import StatsWorker, concat_classes
+from condense_pipeline.pipeline.class_files import concat_classes, load_classes
+from condense_pipeline.pipeline.stats import StatsWorker
 
 
 def _accumulate(bank, images, labels, keys, h, pool=12):
@@ -152,8 +153,8 @@ def test_a_worker_checkpoint_holds_every_image_it_consumed(tmp_path, digits):
         }
     )
     forwards = worker.consume(block, batch_size=100)
-    worker.save(str(tmp_path / "w.safetensors"))  # nothing was flushed before: 64 MiB held
-    saved = ClassStats.load(str(tmp_path / "w.safetensors"))
+    worker.save(str(tmp_path / "w"))  # nothing was flushed before: 64 MiB held
+    saved = load_classes(str(tmp_path / "w"), list(range(10)))
     assert saved.count.sum() == forwards > 0
     plain = ClassStats.zeros(ProbeBank(spec), 12)
     accumulate(plain, ProbeBank(spec), images, labels, keys, counts, h)

@@ -3,9 +3,11 @@ a UserError becomes one line on stderr and exit code 2. HELP is what `--help` sh
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -14,7 +16,7 @@ import typer
 from condense_pipeline import storage
 from condense_pipeline.config import CondenseConfig, condense_config, stats_config
 from condense_pipeline.datasets import METHODS, PROFILES, get_profile
-from condense_pipeline.errors import UserError
+from condense_pipeline.errors import Stopped, UserError
 from condense_pipeline.formats import TEST, TRAIN
 from condense_pipeline.report import write_report
 
@@ -38,6 +40,12 @@ STALL = typer.Option(
     None,
     "--stall-timeout",
     help="Fail a stage when no worker progresses this long (s, default 600).",
+)
+COMMIT = typer.Option(
+    None,
+    "--commit-interval",
+    help="Seconds between the stats pass's commits (default 300; 0: after every unit). A "
+    "stopped or crashed pass resumes from the last commit.",
 )
 
 
@@ -154,6 +162,7 @@ def stats(
     seed: int = SEED,
     address: str = ADDRESS,
     stall_timeout: float = STALL,
+    commit_interval: float = COMMIT,
     overwrite: bool = typer.Option(False, help="Replace conflicting statistics."),
     dry_run: bool = typer.Option(False, help="Print the cost and compute nothing."),
 ) -> None:
@@ -173,6 +182,7 @@ def stats(
         max_bad_fraction=max_bad_fraction,
         seed=seed,
         stall_timeout_s=stall_timeout,
+        commit_interval_s=commit_interval,
     )
     shards = _data(profile, data, TRAIN)
     if dry_run:
@@ -269,7 +279,8 @@ def condense(
         for line in condense_plan(profile, cfg):
             say(line)
         return
-    result = run_condense(run_dir, cfg, address=address, progress=say)
+    with _stoppable():
+        result = run_condense(run_dir, cfg, address=address, progress=say)
     _print_condense(result.summary())
     say(f"condensed {len(result.labels)} images into {result.folder}")
 
@@ -354,6 +365,7 @@ def run(
     seed: int = SEED,
     address: str = ADDRESS,
     stall_timeout: float = STALL,
+    commit_interval: float = COMMIT,
     overwrite: bool = typer.Option(False, help="Replace conflicting statistics."),
     dry_run: bool = typer.Option(False, help="Print the plan and its cost, compute nothing."),
 ) -> None:
@@ -386,6 +398,7 @@ def run(
         init_pool=max(needed_pool(ipc, cond.factor, cond.init), ipc, 1),
         seed=seed,
         stall_timeout_s=stall_timeout,
+        commit_interval_s=commit_interval,
     )
     if dry_run:
         from condense_pipeline.pipeline.estimate import condense_plan
@@ -407,7 +420,8 @@ def run(
         address=address,
         overwrite=overwrite,
     )
-    summary = api.run(cfg, progress=say)
+    with _stoppable():
+        summary = api.run(cfg, progress=say)
     _print_stats(summary.stats, summary.stats["reused"])
     _print_condense(summary.condense)
     say("time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary.seconds.items()))
@@ -490,14 +504,47 @@ def cli():
     return command
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _stoppable():
+    """Ctrl-C or SIGTERM in a stage that does not say what it committed (the stats stage does)
+    becomes a Stopped that says what a rerun keeps (click would print "Aborted!" and leave)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Stopped("finished groups and the groups' checkpoints are kept") from None
+
+
+def _stop(what: str) -> None:
+    """After Ctrl-C or SIGTERM: end Ray's part (a local Ray this command started goes with it),
+    then one line, and the exit code of an interrupted command."""
+    import threading
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        # the readers' background threads fail once Ray is gone: they are abandoned, not errors
+        threading.excepthook = lambda args: None
+        logging.disable(logging.CRITICAL)
+        ray.shutdown()
+    typer.echo(f"stopped: {what}; rerun the same command to resume", err=True)
+    sys.exit(130)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # SIGTERM as Ctrl-C: the stages stop through KeyboardInterrupt (ensure_ray keeps this)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         cli()(prog_name="condense-pipeline")
     except UserError as e:
         cause = getattr(e, "cause", None)  # a UserError raised inside a Ray task
         typer.echo(f"error: {cause if isinstance(cause, UserError) else e}", err=True)
         sys.exit(2)
+    except Stopped as e:  # Ctrl-C or SIGTERM: the stage says what it had committed
+        _stop(str(e))
 
 
 if __name__ == "__main__":

@@ -8,16 +8,16 @@ hash is below `pool_limit`, which also merges exactly.
 
 from __future__ import annotations
 
+import copy
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from condense_pipeline import storage
+from condense_pipeline import rejects, storage
 from condense_pipeline.condense.bank import ProbeBank
 from condense_pipeline.condense.networks import attention_dims, attention_map
 from condense_pipeline.condense.sampling import (
@@ -67,21 +67,23 @@ class ClassStats:
 
     # -- merging ----------------------------------------------------------------------------
     def __add__(self, other: ClassStats) -> ClassStats:
-        out = ClassStats(
-            count=self.count + other.count.to(self.count.device),
-            sqnorm_sum=self.sqnorm_sum + other.sqnorm_sum.to(self.count.device),
-            emb_sum=_add(self.emb_sum, other.emb_sum),
-            rff_sum=_add(self.rff_sum, other.rff_sum),
-            att_sum=[_add(a, b) for a, b in zip(self.att_sum, other.att_sum)],
-            seen=self.seen + other.seen,
-            rejected=_merge_counts(self.rejected, other.rejected),
-            pool_hash=self.pool_hash.copy(),
-            pool_images=self.pool_images.clone(),
-            pool_keys=[list(k) for k in self.pool_keys],
-        )
-        for c in range(len(out.pool_keys)):
-            out._offer(c, other.pool_hash[c], other.pool_images[c], other.pool_keys[c])
+        out = copy.deepcopy(self)
+        out += other
         return out
+
+    def __iadd__(self, other: ClassStats) -> ClassStats:
+        """Add `other` in place: a merge then holds its sum and one part, not a third copy."""
+        for mine, theirs in zip(self._sums(), other._sums()):
+            mine += theirs.to(mine.device)
+        self.seen += other.seen
+        self.rejected = rejects.merged(self.rejected, other.rejected)
+        for c in range(len(self.pool_keys)):
+            self._offer(c, other.pool_hash[c], other.pool_images[c], other.pool_keys[c])
+        return self
+
+    def _sums(self) -> list[torch.Tensor]:
+        held = [self.emb_sum, self.rff_sum]
+        return [self.count, self.sqnorm_sum, *(t for t in held if t is not None), *self.att_sum]
 
     def _offer(self, c: int, hashes: np.ndarray, images: torch.Tensor, keys: list[str]) -> None:
         """Keep the P smallest hashes of class c among what it holds and the candidates."""
@@ -122,7 +124,7 @@ class ClassStats:
     def exact_bandwidth(self) -> torch.Tensor:
         """Mean pairwise squared distance per (probe, class) from the sums: [K, C]."""
         n = self.count
-        s1 = (self.emb_sum * self.emb_sum).sum(-1)
+        s1 = torch.linalg.vector_norm(self.emb_sum, dim=-1).square()  # no [K, C, D] temporary
         return (2 * n * self.sqnorm_sum - 2 * s1) / (n * (n - 1)).clamp(min=1)
 
     # -- storage ----------------------------------------------------------------------------
@@ -143,8 +145,9 @@ class ClassStats:
         return st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
 
     @staticmethod
-    def from_bytes(data: bytes, device: str | torch.device = "cpu") -> ClassStats:
-        t = st_load(data)
+    def from_bytes(data: bytearray, device: str | torch.device = "cpu") -> ClassStats:
+        """The statistics in `data`; on the CPU their tensors are views of it, not copies."""
+        t = _tensor_views(data)
         meta = json.loads(bytes(t["meta_json"].numpy()).decode())
         atts = sorted((k for k in t if k.startswith("att_sum_")), key=lambda k: int(k[8:]))
         dev = torch.device(device)
@@ -166,18 +169,28 @@ class ClassStats:
 
     @staticmethod
     def load(location: str, device: str | torch.device = "cpu") -> ClassStats:
-        return ClassStats.from_bytes(storage.read_bytes(location), device)
+        return ClassStats.from_bytes(storage.read_buffer(location), device)
 
 
-def _add(a, b):
-    return None if a is None else a + b.to(a.device)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "I64": torch.int64, "U8": torch.uint8}
 
 
-def _merge_counts(a: dict, b: dict) -> dict:
-    out = {k: dict(v) for k, v in a.items()}
-    for shard, reasons in b.items():
-        for reason, n in reasons.items():
-            out.setdefault(shard, {})[reason] = out.get(shard, {}).get(reason, 0) + n
+def _tensor_views(data: bytearray) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors as views of its bytes (safetensors.torch.load copies them,
+    which held a file twice while it was parsed)."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(bytes(data[8 : 8 + size]))
+    header.pop("__metadata__", None)
+    out = {}
+    for name, h in header.items():
+        dtype, (begin, end) = _DTYPES[h["dtype"]], h["data_offsets"]
+        if end == begin:
+            out[name] = torch.empty(h["shape"], dtype=dtype)
+            continue
+        flat = torch.frombuffer(
+            data, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=8 + size + begin
+        )
+        out[name] = flat.reshape(h["shape"])
     return out
 
 

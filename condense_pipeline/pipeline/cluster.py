@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -18,12 +20,18 @@ def ensure_ray(address: str | None = None) -> None:
     # "local" starts a Ray of our own: without it, ray.init joins whatever cluster `ray start`
     # left on this machine
     address = address or os.environ.get("RAY_ADDRESS") or "local"
+    caller = signal.getsignal(signal.SIGTERM)
     ray.init(
         address=address,
         include_dashboard=False if address == "local" else None,
         logging_level=logging.WARNING,
         log_to_driver=True,
     )
+    # ray.init makes SIGTERM a sys.exit; a handler of the caller's (the CLI stops cleanly on
+    # it) comes first
+    main = threading.current_thread() is threading.main_thread()
+    if main and caller not in (signal.SIG_DFL, signal.SIG_IGN, None):
+        signal.signal(signal.SIGTERM, caller)
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,15 @@ def plan_workers(requested: int | None = None) -> WorkerPlan:
         return WorkerPlan(n, num_cpus=1, num_gpus=1)
     n = max(1, min(requested or cpus - 1, cpus - 1))
     return WorkerPlan(n, num_cpus=1, num_gpus=0)
+
+
+def worker_threads(plan: WorkerPlan) -> int:
+    """Torch threads per stats worker: the cluster's CPUs shared among the workers. The reading
+    needs CPUs too, but a worker that holds its images forwards most of them after the reading
+    of what it holds, so the oversubscription is short."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) // plan.workers)
 
 
 def ray_failure(e: Exception) -> str:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from condense_pipeline import storage
+from condense_pipeline import rejects, storage
 from condense_pipeline.datasets import Profile
 from condense_pipeline.errors import UserError
 from condense_pipeline.formats import (
@@ -286,11 +286,6 @@ def read_images(
     )
 
 
-def reason_kind(reason: str) -> str:
-    """The short category of a rejection reason: "undecodable image: ..." -> "undecodable image"."""
-    return reason.split(":", 1)[0]
-
-
 @dataclass
 class ReadSummary:
     """Counts of good and rejected samples; summaries add, so partial counts merge exactly."""
@@ -309,22 +304,19 @@ class ReadSummary:
 
     def add(self, label: int, shard: str, error: str) -> None:
         if error:
-            kinds = self.rejected.setdefault(str(shard), {})
-            kind = reason_kind(str(error))
-            kinds[kind] = kinds.get(kind, 0) + 1
+            rejects.count(self.rejected, shard, error)
         else:
             self.good += 1
             self.by_class[int(label)] = self.by_class.get(int(label), 0) + 1
 
     def __add__(self, other: ReadSummary) -> ReadSummary:
-        out = ReadSummary(self.good + other.good, by_class=dict(self.by_class))
+        out = ReadSummary(
+            self.good + other.good,
+            rejects.merged(self.rejected, other.rejected),
+            dict(self.by_class),
+        )
         for label, count in other.by_class.items():
             out.by_class[label] = out.by_class.get(label, 0) + count
-        for source in (self.rejected, other.rejected):
-            for shard, kinds in source.items():
-                merged = out.rejected.setdefault(shard, {})
-                for kind, count in kinds.items():
-                    merged[kind] = merged.get(kind, 0) + count
         return out
 
     def reason_counts(self) -> dict[str, int]:
@@ -353,22 +345,37 @@ def summarize_dataset(dataset: ray.data.Dataset) -> ReadSummary:
     return summarize(columns.iter_batches(batch_format="numpy", batch_size=4096))
 
 
-def check_rejects(summary: ReadSummary, max_fraction: float = 0.01) -> None:
-    """Raise UserError when no sample was good or more than `max_fraction` were rejected."""
-    if summary.total == 0:
-        raise UserError("the shards hold no samples; check the path or re-run prepare")
+def check_rejects(
+    summary: ReadSummary, max_fraction: float = 0.01, *, whole: int | None = None
+) -> None:
+    """Raise UserError when no sample was good or more than `max_fraction` were rejected.
+
+    For a count of part of the data, `whole` is the number of samples of all of it: this fails
+    only once the rejects so far are above `max_fraction` of that, when the whole pass is sure to
+    fail too, so a pass checked after every commit fails early and never wrongly.
+    """
     rejected = summary.num_rejected
     kinds = ", ".join(
         f"{count} {kind}"
         for kind, count in sorted(summary.reason_counts().items(), key=lambda kc: -kc[1])
     )
+    advice = "fix the shards or pass --max-bad-fraction to accept"
+    if whole is not None:
+        whole = max(whole, summary.total)
+        if rejected > max_fraction * whole:
+            raise UserError(
+                f"{rejected} samples were rejected in the first {summary.total} of {whole}, "
+                f"already above the {100 * max_fraction:g}% threshold ({kinds}); {advice}"
+            )
+        return
+    if summary.total == 0:
+        raise UserError("the shards hold no samples; check the path or re-run prepare")
     if summary.good == 0:
         raise UserError(f"all {rejected} samples were rejected ({kinds}); check the shards")
     if rejected / summary.total > max_fraction:
         raise UserError(
             f"{rejected} of {summary.total} samples ({100 * rejected / summary.total:.2f}%) "
-            f"were rejected, above the {100 * max_fraction:g}% threshold ({kinds}); fix the "
-            "shards or pass --max-bad-fraction to accept"
+            f"were rejected, above the {100 * max_fraction:g}% threshold ({kinds}); {advice}"
         )
     if rejected:
         log.warning("%d of %d samples rejected: %s", rejected, summary.total, summary.rejected)
