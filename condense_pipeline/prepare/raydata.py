@@ -3,8 +3,10 @@
 This is the counting pass: it gives the class sizes that the subsampling rule needs before the
 statistics pass starts. It also writes every batch as one shard, in the Ray task that holds the
 batch, so that the statistics pass can run in resumable work units like any prepared dataset,
-and the dataset gets a fingerprint (the shards' checksums). Images are stored as they come:
-encoded bytes as they are, arrays as PNG; the reader resizes them.
+and the dataset gets a fingerprint (the shards' checksums). The rows are shuffled first, as
+`prepare` shuffles: every shard is then a random sample of every class, which the bandwidth
+pilot relies on (it reads the leading shards), even when the input is sorted by class. Images
+are stored as they come: encoded bytes as they are, arrays as PNG; the reader resizes them.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ def write_ray_dataset(
     key_column: str | None = None,
     class_names: list[str] | None = None,
     shard_size: int = 1000,
+    seed: int = 0,
 ) -> dict:
     """Write `ds` as the train split under `split_dir`; returns what dataset.json holds.
     On any failure nothing is left behind (the folder is removed)."""
@@ -110,7 +113,8 @@ def write_ray_dataset(
     writer = _ShardWriter(split_dir, image_column, label_column, key_column)
     storage.delete(split_dir)
     try:
-        rows = ds.map_batches(writer, batch_size=shard_size, batch_format="numpy").take_all()
+        shuffled = ds.random_shuffle(seed=seed)
+        rows = shuffled.map_batches(writer, batch_size=shard_size, batch_format="numpy").take_all()
         info = _split_info(rows, name, channels, class_names)
         storage.write_json(storage.join(split_dir, DATASET_JSON), info)
     except BaseException:
