@@ -39,7 +39,8 @@ def save_groups(stats: ClassStats, folder: str) -> int:
 
 def load_group(folders: list[str], start: int, device="cpu") -> ClassStats:
     """The sum over `folders` of their files of the group at `start`, holding the sum and one
-    file at a time (the files' tensors are read in place, not copied)."""
+    file at a time (the files' tensors are read in place, not copied: on the CPU the sum's
+    tensors are views of the first file's buffer, which lives as long as any of them)."""
     total = None
     for folder in folders:
         part = ClassStats.load(storage.join(folder, class_file(start)), device)
@@ -67,7 +68,7 @@ def merge(folders: list[str], num_classes: int, out: str) -> Merged:
     for start in group_starts(num_classes):
         total = load_group(folders, start)
         storage.write_bytes(storage.join(out, class_file(start)), total.to_bytes())
-        seen.append(total.seen)
+        seen.append(total.seen.clone())  # a view would keep the whole file alive
         rejected = total.rejected  # every group file carries the read counts of all the data
         if total.emb_sum is not None:
             bandwidths.append(total.exact_bandwidth())

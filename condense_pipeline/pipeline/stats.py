@@ -373,7 +373,7 @@ def load_pools(run_dir: str, num_classes: int) -> list[torch.Tensor]:
     pools = []
     for start in group_starts(num_classes):
         part = ClassStats.load(storage.join(stats_dir(run_dir), class_file(start)))
-        pools += [part.pool(c)[0] for c in range(len(part.pool_keys))]
+        pools += [part.pool(c)[0].clone() for c in range(len(part.pool_keys))]  # not views
     return pools
 
 
