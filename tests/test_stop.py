@@ -24,8 +24,13 @@ STOP_S = 60  # a bound far above the few seconds it takes, so a loaded machine d
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
+    import ray
+
     out = str(tmp_path_factory.mktemp("digits"))
+    started = not ray.is_initialized()
     prepare_dataset("digits", None, out, shard_size=50)  # 29 train shards: 4 units of 8
+    if started and ray.is_initialized():
+        ray.shutdown()  # the local Ray that prepare started: later modules start their own
     return os.path.join(out, "train")
 
 
