@@ -82,7 +82,8 @@ class CondenseConfig:
     embedding_weight: float = 1.0
     momentum: float = 0.5
     classes: tuple[int, ...] | None = None  # None: every class
-    groups: int | None = None  # None: one group per worker
+    groups: int | None = None  # None: one group per GPU (CPU-only: one per node)
+    chunk: int | None = None  # stored images per forward; None: from the device's free memory
     stall_timeout_s: float = 600.0  # fail when no group has made a step for this long
 
     def __post_init__(self):
@@ -97,17 +98,21 @@ class CondenseConfig:
             raise UserError("--factor must be at least 1")
         if self.stall_timeout_s <= 0:
             raise UserError("--stall-timeout must be a positive number of seconds")
+        if self.chunk is not None and self.chunk < 1:
+            raise UserError("--chunk must be at least 1 image")
+        if self.groups is not None and self.groups < 1:
+            raise UserError("--groups must be at least 1")
 
     @property
     def preset(self) -> MethodPreset:
         return PRESETS[self.method]
 
     def folder_name(self) -> str:
-        """Per-config folder: settings that change the images are hashed; grouping and the
-        stall timeout are not."""
+        """Per-config folder: settings that change the images are hashed; grouping, chunking and
+        the stall timeout are not (they change the images only by float32 rounding)."""
         fields = asdict(self)
-        fields.pop("groups")
-        fields.pop("stall_timeout_s")
+        for name in ("groups", "chunk", "stall_timeout_s"):
+            fields.pop(name)
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
         return f"ipc{self.ipc}-{self.method}-{digest}"
 
