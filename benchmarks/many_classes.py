@@ -173,6 +173,7 @@ def child(args) -> None:
         steps=args.steps,
         groups=args.groups or None,
         init=args.init,
+        stall_timeout_s=args.stall_timeout,
         **chunk,
     )
     init_pool = max(needed_pool(args.ipc, cond.factor, cond.init), args.ipc, 1)
@@ -182,6 +183,7 @@ def child(args) -> None:
         probes=args.probes,
         real_per_probe=args.real_per_probe,
         init_pool=init_pool,
+        stall_timeout_s=args.stall_timeout,
     )
     cfg = api.RunConfig(
         profile=profile,
@@ -286,6 +288,7 @@ def main() -> None:
     parser.add_argument(
         "--stop-above-gib", type=float, default=0, help="kill a process above this RSS (0: never)"
     )
+    parser.add_argument("--stall-timeout", type=float, default=7200.0, help="s, for a stage")
     parser.add_argument("--only", action="store_true", help="print the child's RESULT row only")
     parser.add_argument("--cpus", type=int, default=3, help="logical CPUs of the local Ray")
     parser.add_argument("--shard-size", type=int, default=250)
@@ -316,7 +319,7 @@ def main() -> None:
     for run in runs:
         cmd = [sys.executable, __file__, "--child", run, "--root", args.root]
         flags = ("probes", "real_per_probe", "method", "ipc", "steps", "groups", "cpus", "chunk")
-        for flag in flags + ("stop_above_gib",):
+        for flag in flags + ("stop_above_gib", "stall_timeout"):
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         if args.init:
             cmd += ["--init", args.init]

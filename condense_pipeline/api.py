@@ -263,7 +263,11 @@ def condense_dataset(
             class_names=class_names,
         )
     prof = replace(base, num_classes=len(info["classes"]))
-    method = method or prof.default_method
+    if method is None:
+        from condense_pipeline.pipeline.estimate import choose_method, cluster_plan
+
+        method, why = choose_method(prof, ipc, probes, cluster_plan())
+        log.info("method %s: %s", method, why)
     cfg = RunConfig(
         profile=prof,
         run_dir=work_dir,

@@ -34,7 +34,8 @@ class Profile:
     iters_per_probe: tuple[int, int, int]
     eval_epochs: int
     description: str
-    # m3d unless measured otherwise (DESIGN.md 10a says m3d where it fits); digits: dm, because at
+    # The method `run` prefers; pipeline/estimate.choose_method falls back to dm when the cluster
+    # cannot hold M3D's statistics or condense it within its time budget. digits: dm, because at
     # 8 px M3D's factor 2 leaves 4 px patches and scored below the random-real baseline.
     default_method: str = "m3d"
 

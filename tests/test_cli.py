@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -146,3 +147,28 @@ def test_every_command_and_a_rerun_that_resumes(digits_data, tmp_path):
     lacking = cli("condense", str(run_dir), "--ipc", "1", "--method", "m3d")
     assert lacking.returncode == 2 and "rff" in lacking.stderr
     assert group_files(folder) == stamps
+
+
+def _parquet_images(run_dir):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    (folder,) = (run_dir / "condense").iterdir()
+    table = pq.read_table(folder / "export" / "parquet")
+    order = np.argsort(table.column("key").to_pylist())
+    return np.stack([np.asarray(t, np.float32) for t in table.column("tensor").to_pylist()])[order]
+
+
+def test_run_gives_the_same_images_in_five_groups_as_in_one(digits_data, tmp_path):
+    # Catches `run` ignoring --groups or a grouping that changes the images (a group's seed,
+    # schedule or chunking depending on the grouping).
+    data = str(digits_data / "train")
+    budget = ["--probes", "4", "--iterations", "20", "--no-eval", "--data", data]
+    args = ["run", "digits", "--ipc", "2", "--method", "dm", *budget, "--out", str(tmp_path)]
+    five = ok(cli(*args, "--groups", "5"))
+    assert "5 group(s) run" in five
+    images_five = _parquet_images(tmp_path)
+    one = ok(cli(*args, "--groups", "1", "--chunk", "3"))
+    assert "1 group(s) run" in one
+    images_one = _parquet_images(tmp_path)
+    assert np.abs(images_five - images_one).max() / np.abs(images_one).max() < 1e-5

@@ -39,6 +39,17 @@ STALL = typer.Option(
     "--stall-timeout",
     help="Fail a stage when no worker progresses this long (s, default 600).",
 )
+GROUPS = typer.Option(
+    None, help="Class groups (default: one per GPU, or per node); one runs per GPU at a time."
+)
+CHUNK = typer.Option(
+    None, help="Stored images per forward (default: from the device's free memory)."
+)
+BATCH_REAL = typer.Option(None, help="Real images per class per step (--targets online).")
+LR = typer.Option(None, help="Image learning rate (m3d: in [0, 1] pixel space).")
+FACTOR = typer.Option(None, help="Multi-formation factor f (f^2 images per stored).")
+INIT = typer.Option(None, help="real, noise or mix.")
+ITERS_PER_PROBE = typer.Option(None, help="Consecutive steps per probe.")
 
 
 def _classes(spec: str | None) -> tuple[int, ...] | None:
@@ -229,14 +240,15 @@ def condense(
     ipc: int = typer.Option(..., help="Images per class (stored)."),
     method: str = typer.Option(None, help="dm, m3d or datadam (default: what the stats hold)."),
     iterations: int = typer.Option(None, help="Optimisation steps."),
-    lr: float = typer.Option(None, help="Image learning rate (m3d: in [0, 1] pixel space)."),
-    factor: int = typer.Option(None, help="Multi-formation factor f (f^2 images per stored)."),
-    init: str = typer.Option(None, help="real, noise or mix."),
-    iters_per_probe: int = typer.Option(None, help="Consecutive steps per probe."),
-    groups: int = typer.Option(None, help="Class groups (parallel tasks)."),
+    lr: float = LR,
+    factor: int = FACTOR,
+    init: str = INIT,
+    iters_per_probe: int = ITERS_PER_PROBE,
+    groups: int = GROUPS,
+    chunk: int = CHUNK,
     classes: str = typer.Option(None, help="A subset, e.g. 0-99 or 1,5,7."),
     targets: str = typer.Option(None, help="bank (statistics) or online (the papers' way)."),
-    batch_real: int = typer.Option(None, help="Real images per class per step (online)."),
+    batch_real: int = BATCH_REAL,
     seed: int = SEED,
     address: str = ADDRESS,
     stall_timeout: float = STALL,
@@ -246,7 +258,8 @@ def condense(
     from condense_pipeline.pipeline.condense import run_condense
 
     profile, bank = _profile_of_run(run_dir)
-    method = method or _default_method(bank)
+    spec = bank["spec"]
+    method, why = _method(method, profile, ipc, spec["probes"], address, spec["statistics"])
     cfg = condense_config(
         profile,
         method,
@@ -257,12 +270,14 @@ def condense(
         init=init,
         iters_per_probe=iters_per_probe,
         groups=groups,
+        chunk=chunk,
         classes=_classes(classes),
         targets=targets,
         batch_real=batch_real,
         seed=seed,
         stall_timeout_s=stall_timeout,
     )
+    say(f"method {method}: {why}")
     if dry_run:
         from condense_pipeline.pipeline.estimate import condense_plan
 
@@ -274,9 +289,15 @@ def condense(
     say(f"condensed {len(result.labels)} images into {result.folder}")
 
 
-def _default_method(bank: dict) -> str:
-    held = bank["spec"]["statistics"]
-    return "m3d" if "rff" in held else "dm" if "emb" in held else "datadam"
+def _method(given, profile, ipc, probes, address, held=None) -> tuple[str, str]:
+    """The method and why: as given, or the default chosen from the cluster's plan."""
+    if given:
+        return given, "given with --method"
+    from condense_pipeline.pipeline.cluster import ensure_ray
+    from condense_pipeline.pipeline.estimate import choose_method, cluster_plan
+
+    ensure_ray(address)
+    return choose_method(profile, ipc, probes, cluster_plan(), held)
 
 
 def _load_condense_dir(folder: str):
@@ -346,8 +367,15 @@ def run(
     probes: int = typer.Option(None, help="Probe bank size K."),
     real_per_probe: str = typer.Option(None, help="Real images per class per probe M, or all."),
     iterations: int = typer.Option(None, help="Condensation steps."),
+    lr: float = LR,
+    factor: int = FACTOR,
+    init: str = INIT,
+    iters_per_probe: int = ITERS_PER_PROBE,
+    groups: int = GROUPS,
+    chunk: int = CHUNK,
     classes: str = typer.Option(None, help="Condense a subset, e.g. 0-99."),
     targets: str = typer.Option(None, help="bank (statistics) or online (the papers' way)."),
+    batch_real: int = BATCH_REAL,
     epochs: int = typer.Option(None, help="Evaluation epochs (default: the profile's)."),
     runs: int = typer.Option(5, help="Evaluation runs."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip evaluation."),
@@ -365,14 +393,21 @@ def run(
     if dataset == "digits" and data is None:
         _prepare_digits_once()
     train = _data(profile, data, TRAIN)
-    method = method or _fits_method(profile, probes)
+    method, why = _method(method, profile, ipc, probes, address)
     cond = condense_config(
         profile,
         method,
         ipc,
         steps=iterations,
+        lr=lr,
+        factor=factor,
+        init=init,
+        iters_per_probe=iters_per_probe,
+        groups=groups,
+        chunk=chunk,
         classes=_classes(classes),
         targets=targets,
+        batch_real=batch_real,
         seed=seed,
         stall_timeout_s=stall_timeout,
     )
@@ -387,6 +422,7 @@ def run(
         seed=seed,
         stall_timeout_s=stall_timeout,
     )
+    say(f"method {method}: {why}")
     if dry_run:
         from condense_pipeline.pipeline.estimate import condense_plan
 
@@ -410,6 +446,7 @@ def run(
     summary = api.run(cfg, progress=say)
     _print_stats(summary.stats, summary.stats["reused"])
     _print_condense(summary.condense)
+    say(f"method {method}: {why}")
     say("time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary.seconds.items()))
     if summary.report:
         _print_report(summary.report)
@@ -417,16 +454,6 @@ def run(
         f"outputs: {summary.condense_dir}/export (wds/, parquet/, preview.png, loss.png, README.md)"
     )
     say(f"report: {write_report(summary.run_dir)}")
-
-
-def _fits_method(profile, probes) -> str:
-    """The profile's method; dm when M3D's statistics would not fit comfortably in memory."""
-    from condense_pipeline.pipeline.estimate import accumulator_bytes, memory_bytes
-
-    need = accumulator_bytes(profile, probes or profile.probes, ("rff",), profile.rff_dim)
-    if profile.default_method != "m3d":
-        return profile.default_method
-    return "m3d" if need < memory_bytes() / 4 else "dm"
 
 
 def _prepare_digits_once() -> None:
