@@ -27,7 +27,7 @@ from torch import nn
 
 from condense_pipeline import formats, storage
 from condense_pipeline.condense.augment import augment_batch
-from condense_pipeline.condense.networks import MODELS, build_model
+from condense_pipeline.condense.networks import MODELS, seeded_model
 from condense_pipeline.datasets import Profile
 from condense_pipeline.errors import UserError
 from condense_pipeline.evaluate.loader import load_condensed
@@ -167,10 +167,7 @@ def trained_model(
     _check_images(train_x, profile, "training")
     _check_images(test_x, profile, "test")
     device = _device(cfg)
-    # The weights come from the global RNG; a forked RNG seeds them without disturbing the caller.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(run_seed)
-        model = build_model(cfg.model, profile.channels, profile.resolution, num_classes)
+    model = seeded_model(cfg.model, run_seed, profile.channels, profile.resolution, num_classes)
     model.to(device)
     # DSA and shuffling draw on the CPU from their own generator, so a seed means the same run
     # on any device.
