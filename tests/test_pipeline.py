@@ -166,3 +166,14 @@ def test_killed_stats_run_resumes_without_recomputing(ray_local, shards, tmp_pat
     a, b = load_stats(run_dir, list(range(10))), load_stats(fresh, list(range(10)))
     assert torch.equal(a.count, b.count)
     assert ((a.emb_sum - b.emb_sum).abs().max() / b.emb_sum.abs().max()).item() < 1e-5
+
+
+def test_cpu_groups_share_the_node_and_a_lone_group_takes_every_cpu(ray_local):
+    # Catches condense tasks that ask for one CPU each whatever the grouping (a lone group then
+    # runs on one thread) or that together ask for more memory than the node has.
+    from condense_pipeline.pipeline.condense import group_resources
+
+    groups, lone = group_resources(None)
+    assert groups == 1 and (lone.num_cpus, lone.num_gpus, lone.memory_share) == (3, 0, 1.0)
+    groups, five = group_resources(5)
+    assert groups == 5 and five.num_cpus == 1 and five.memory_share == 1 / 3

@@ -156,14 +156,20 @@ class OnlineTargets:
     depend on how classes are grouped. For datasets that fit in memory."""
 
     def __init__(
-        self, real: list[torch.Tensor], classes: list[int], bank: ProbeBank, cfg: CondenseConfig
+        self,
+        real: list[torch.Tensor],
+        classes: list[int],
+        bank: ProbeBank,
+        cfg: CondenseConfig,
+        smallest_class: int,
     ):
         self.real = real  # per group class: uint8 [n_c, H, W, ch]
         self.classes = list(classes)
         self.bank, self.cfg = bank, cfg  # the bank gives the profile's network shape and norm
         self.method = METHODS[cfg.method]
-        # the same batch size for every class, so the class batches stack into [G, b, D]
-        self.batch = min(cfg.batch_real, *(len(r) for r in real))
+        # one batch size for every class of the dataset (smallest_class: its smallest class's
+        # images), so the class batches stack into [G, b, D] and do not depend on the grouping
+        self.batch = min(cfg.batch_real, smallest_class)
 
     def at(self, step: int) -> StepTargets:
         spec, cfg, method = self.bank.spec, self.cfg, self.method

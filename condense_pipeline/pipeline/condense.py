@@ -289,7 +289,9 @@ def condense_group(
     if cfg.targets == "bank":
         targets = BankTargets(bank, stats, classes, load_bandwidths(run_dir), cfg)
     else:
-        targets = OnlineTargets(real_images(bank_json, classes), classes, bank, cfg)
+        summary = storage.read_json(storage.join(stats_dir(run_dir), storage.DONE))
+        smallest = min(summary["class_images"])
+        targets = OnlineTargets(real_images(bank_json, classes), classes, bank, cfg, smallest)
     storage.write_json(beat, {"step": state.step, "at": time.time()})
     last_beat = time.monotonic()
 
