@@ -51,8 +51,9 @@ def prepare_dataset(
     held_out = None
     if train is not None and validation:
         kept, held = hold_out(train, validation, seed)
-        splits = [kept if s is train else s for s in splits] + [held]
-        held_out = {"split": VALIDATION, "per_class": validation, "seed": seed}
+        if len(held):  # classes of under 5 images hold out none
+            splits = [kept if s is train else s for s in splits] + [held]
+            held_out = {"split": VALIDATION, "per_class": validation, "seed": seed}
     summary = {}
     for data in splits:
         if len(data) == 0:
