@@ -155,7 +155,7 @@ def _wait_for(condition, what: str, timeout: float) -> None:
 def shards(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("digits"))
     started = not ray.is_initialized()
-    prepare_dataset("digits", None, out, shard_size=150)  # 10 train shards
+    prepare_dataset("digits", None, out, shard_size=150)  # 9 train shards (validation held out)
     if started and ray.is_initialized():
         ray.shutdown()  # the local Ray that prepare started
     return os.path.join(out, "train")
