@@ -584,15 +584,6 @@ def load_stats(run_dir: str, classes: list[int], device="cpu") -> ClassStats:
     return concat_classes(pieces)
 
 
-def load_pools(run_dir: str, num_classes: int) -> list[torch.Tensor]:
-    """Every class's init pool (uint8 [n, H, W, ch]), holding one class file at a time."""
-    pools = []
-    for start in range(0, num_classes, CLASSES_PER_FILE):
-        part = ClassStats.load(storage.join(stats_dir(run_dir), class_file(start)))
-        pools += [part.pool(c)[0] for c in range(len(part.pool_keys))]
-    return pools
-
-
 def load_bandwidths(run_dir: str) -> torch.Tensor | None:
     path = storage.join(stats_dir(run_dir), BANDWIDTHS)
     return _load_tensor(path) if storage.exists(path) else None
