@@ -154,8 +154,7 @@ def child(args) -> None:
 
     from condense_pipeline import api, storage
     from condense_pipeline.condense.bank import NEEDS
-    from condense_pipeline.condense.synthetic import needed_pool
-    from condense_pipeline.config import condense_config, stats_config
+    from condense_pipeline.config import condense_config, init_images, stats_config
     from condense_pipeline.datasets import get_profile
     from condense_pipeline.pipeline.estimate import accumulator_bytes
 
@@ -176,7 +175,7 @@ def child(args) -> None:
         stall_timeout_s=args.stall_timeout,
         **chunk,
     )
-    init_pool = max(needed_pool(args.ipc, cond.factor, cond.init), args.ipc, 1)
+    init_pool = max(init_images(args.ipc, cond.factor, cond.init), args.ipc, 1)
     scfg = stats_config(
         profile,
         (args.method,),

@@ -12,10 +12,16 @@ import time
 import typer
 
 from condense_pipeline import storage
-from condense_pipeline.config import CondenseConfig, condense_config, stats_config
+from condense_pipeline.config import (
+    EVAL_RUNS,
+    CondenseConfig,
+    condense_config,
+    init_pool,
+    stats_config,
+)
 from condense_pipeline.datasets import METHODS, PROFILES, get_profile
 from condense_pipeline.errors import UserError
-from condense_pipeline.formats import TEST, TRAIN
+from condense_pipeline.formats import TEST, TRAIN, VALIDATION
 from condense_pipeline.report import write_report
 
 HELP = """Condense an image dataset to a few synthetic images per class (DM, M3D, DataDAM) on Ray.
@@ -121,14 +127,25 @@ def prepare(
     labels: str = typer.Option(None, help="Labels file of a flat image folder."),
     shard_size: int = typer.Option(1000, help="Samples per shard."),
     seed: int = typer.Option(0, help="Shuffle seed."),
+    validation: int = typer.Option(
+        None,
+        help="Training images per class held out as the validation split (default: the profile's).",
+    ),
 ) -> None:
-    """Convert a source into shuffled WebDataset train/test shards plus dataset.json."""
+    """Convert a source into shuffled WebDataset train/validation/test shards plus dataset.json."""
     from condense_pipeline.prepare import prepare_dataset
 
     get_profile(dataset)
     started = time.perf_counter()
     summary = prepare_dataset(
-        dataset, source, out, split=split, labels=labels, shard_size=shard_size, seed=seed
+        dataset,
+        source,
+        out,
+        split=split,
+        labels=labels,
+        shard_size=shard_size,
+        seed=seed,
+        validation=validation,
     )
     for name, s in summary.items():
         say(f"{name}: {s['samples']} samples in {s['shards']} shards at {s['path']}")
@@ -157,7 +174,9 @@ def stats(
     probes: int = typer.Option(None, help="Probe bank size K."),
     real_per_probe: str = typer.Option(None, help="Real images per class per probe M, or all."),
     rff_dim: int = typer.Option(None, help="M3D random Fourier features R (a multiple of 5)."),
-    init_pool: int = typer.Option(None, help="Initial images kept per class."),
+    init_pool: int = typer.Option(
+        None, help="Initial images kept per class (default: enough for IPC 10 and 5 eval runs)."
+    ),
     attention_power: float = typer.Option(None, help="DataDAM's power p."),
     resolution: int = typer.Option(None, help="Image size (imagenet: 64 or 128)."),
     workers: int = typer.Option(None, help="Stats workers (default: one per GPU, or CPUs - 1)."),
@@ -192,6 +211,17 @@ def stats(
         profile, shards, out, cfg, address=address, overwrite=overwrite, progress=say
     )
     _print_stats(result.summary, result.reused)
+    if overwrite:
+        _print_invalidated(out)
+
+
+def _print_invalidated(run_dir: str) -> None:
+    """The condensations that statistics replaced with --overwrite made stale."""
+    from condense_pipeline.pipeline.condense import read_bank
+    from condense_pipeline.pipeline.lineage import stale_condensations
+
+    for name in stale_condensations(run_dir, read_bank(run_dir)):
+        say(f"invalidated condense/{name}: made from the replaced statistics; condense redoes it")
 
 
 def _int_or_all(value: str | None):
@@ -325,14 +355,19 @@ def export(condense_dir: str) -> None:
 @app.command()
 def evaluate(
     condense_dir: str,
-    test: str = typer.Option(None, help="Test shards (default: the prepared test split)."),
+    test: str = typer.Option(None, help="Test shards (default: the prepared --split)."),
+    split: str = typer.Option(
+        TEST, help="test, or validation (held out by prepare) to choose settings on."
+    ),
     epochs: int = typer.Option(None, help="Training epochs (default: the profile's)."),
-    runs: int = typer.Option(5, help="Training runs per set."),
+    runs: int = typer.Option(EVAL_RUNS, help="Training runs per set."),
     model: str = typer.Option("convnet", help="convnet, alexnet, vgg11 or resnet18."),
     address: str = ADDRESS,
 ) -> None:
     """Train on the exported set and on random real subsets; test on the real test split.
     Each training run is a Ray task, so runs go in parallel as far as the cluster allows."""
+    if split not in (TEST, VALIDATION):
+        raise UserError(f"--split must be {TEST} or {VALIDATION}, not {split!r}")
     from condense_pipeline import api
     from condense_pipeline.evaluate.protocol import EvalConfig
     from condense_pipeline.pipeline.cluster import ensure_ray
@@ -341,7 +376,9 @@ def evaluate(
     profile, _ = _profile_of_run(run_dir)
     ecfg = EvalConfig(model=model, epochs=epochs or profile.eval_epochs, runs=runs)
     ensure_ray(address)
-    report = api.evaluate(run_dir, cfg, profile, ecfg, test, progress=say)
+    report = api.evaluate(
+        run_dir, cfg, profile, ecfg, test, progress=say, split=split, use_ray=True
+    )
     _print_report(report)
 
 
@@ -377,7 +414,7 @@ def run(
     targets: str = typer.Option(None, help="bank (statistics) or online (the papers' way)."),
     batch_real: int = BATCH_REAL,
     epochs: int = typer.Option(None, help="Evaluation epochs (default: the profile's)."),
-    runs: int = typer.Option(5, help="Evaluation runs."),
+    runs: int = typer.Option(EVAL_RUNS, help="Evaluation runs."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip evaluation."),
     seed: int = SEED,
     address: str = ADDRESS,
@@ -411,14 +448,12 @@ def run(
         seed=seed,
         stall_timeout_s=stall_timeout,
     )
-    from condense_pipeline.condense.synthetic import needed_pool
-
     scfg = stats_config(
         profile,
         (method,),
+        pool_for=init_pool(cond, 0 if no_eval else runs),
         probes=probes,
         real_per_probe=_int_or_all(real_per_probe),
-        init_pool=max(needed_pool(ipc, cond.factor, cond.init), ipc, 1),
         seed=seed,
         stall_timeout_s=stall_timeout,
     )
@@ -445,6 +480,8 @@ def run(
     )
     summary = api.run(cfg, progress=say)
     _print_stats(summary.stats, summary.stats["reused"])
+    if overwrite:
+        _print_invalidated(cfg.run_dir)
     _print_condense(summary.condense)
     say(f"method {method}: {why}")
     say("time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary.seconds.items()))
@@ -481,9 +518,17 @@ def show(run_dir: str) -> None:
         _print_stats(m["stats"], reused=False)
     if "condense" in m:
         _print_condense(m["condense"])
+    stale = set()
+    if storage.is_done(storage.join(run_dir, "stats")):
+        from condense_pipeline.pipeline.condense import read_bank
+        from condense_pipeline.pipeline.lineage import stale_condensations
+
+        stale = set(stale_condensations(run_dir, read_bank(run_dir)))
     for folder in storage.list_dir(storage.join(run_dir, CONDENSE_DIR)):
         report = storage.join(run_dir, CONDENSE_DIR, folder, "eval", "report.json")
-        line = f"  condense/{folder}"
+        line = f"  condense/{folder}" + (
+            " (stale: the statistics changed)" if folder in stale else ""
+        )
         if storage.exists(report):
             r = storage.read_json(report)
             line += f": condensed {r['condensed']['mean']:.2f}%"

@@ -15,6 +15,7 @@ from condense_pipeline.condense import augment
 from condense_pipeline.condense.networks import ConvNet, seeded_model
 from condense_pipeline.condense.sampling import derive_seed
 from condense_pipeline.errors import UserError
+from condense_pipeline.pixels import normalise
 
 # M3D's kernel is a sum of 5 Gaussians with bandwidths h*m (mul_factor 2 around the mean distance).
 BANDWIDTH_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -140,10 +141,9 @@ class ProbeBank:
 
     def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 [n, H, W, C] -> float [n, C, H, W] in the bank's normalised space."""
-        x = images_uint8.to(self.device).permute(0, 3, 1, 2).float() / 255.0
-        mean = torch.tensor(self.spec.mean, device=self.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.spec.std, device=self.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        return normalise(
+            images_uint8.to(self.device).permute(0, 3, 1, 2), self.spec.mean, self.spec.std
+        )
 
 
 class SiameseTable:

@@ -24,7 +24,6 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -34,12 +33,12 @@ from condense_pipeline.condense.bank import NEEDS, BankSpec, ProbeBank
 from condense_pipeline.condense.device import chunk_size, image_bytes
 from condense_pipeline.condense.loop import LoopState, condense_loop
 from condense_pipeline.condense.sampling import derive_seed
-from condense_pipeline.condense.synthetic import decode_factor, initial_images, needed_pool
+from condense_pipeline.condense.synthetic import decode_factor, initial_images
 from condense_pipeline.condense.targets import BankTargets, OnlineTargets
-from condense_pipeline.config import CondenseConfig
+from condense_pipeline.config import CondenseConfig, check_pool
 from condense_pipeline.errors import UserError
-from condense_pipeline.formats import BANK_JSON, CONDENSE_DIR, ERROR, IMAGE, LABEL
-from condense_pipeline.pipeline import read
+from condense_pipeline.formats import BANK_JSON, CONDENSE_DIR
+from condense_pipeline.pipeline import lineage, read
 from condense_pipeline.pipeline.cluster import ensure_ray, ray_failure
 from condense_pipeline.pipeline.stats import load_bandwidths, load_stats, stats_dir
 
@@ -76,16 +75,7 @@ def check_stats_serve(bank_json: dict, cfg: CondenseConfig, summary: dict) -> No
             f"{cfg.method} needs ({', '.join(missing)}); rerun stats with --method {cfg.method} "
             "or --method all"
         )
-    need = needed_pool(cfg.ipc, cfg.factor, cfg.init)
-    pool = bank_json["init_pool"]
-    classes = cfg.classes or range(spec.num_classes)
-    for c in classes:
-        have = min(pool, summary["class_images"][c])
-        if have < need:
-            raise UserError(
-                f"class {c} has {have} initial images but --init {cfg.init} at IPC {cfg.ipc} "
-                f"(factor {cfg.factor}) needs {need}: rerun stats with --init-pool {need} or more"
-            )
+    check_pool(lineage.pool_sizes(bank_json, summary), cfg)
 
 
 @dataclass(frozen=True)
@@ -154,6 +144,7 @@ def run_condense(
     spec = BankSpec.from_json(bank_json["spec"])
     classes = list(cfg.classes or range(spec.num_classes))
     folder = condense_dir(run_dir, cfg)
+    lineage.claim_condensation(folder, bank_json, say)
     storage.write_json(storage.join(folder, "config.json"), asdict(cfg))
     ensure_ray(address)
     n_groups, res = group_resources(cfg.groups)
@@ -161,10 +152,23 @@ def run_condense(
     # no Ray retries: the driver reruns a lost group itself, so that it can say so
     task = ray.remote(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=0)(condense_group)
 
-    def start(g: int):
-        return task.remote(run_dir, cfg, groups[g], g, res.device, res.num_cpus, res.memory_share)
+    todo = [
+        g
+        for g, group in enumerate(groups)
+        if not lineage.group_current(group_dir(folder, group), bank_json)
+    ]
+    # The online reference's real images are read here, by Ray Data, and put once per group: a
+    # group task that read them itself would wait for read tasks its own CPUs keep from running.
+    real = {}
+    if cfg.targets == "online" and todo:
+        per_class = real_images(bank_json, classes)
+        real = {g: ray.put([per_class[classes.index(c)] for c in groups[g]]) for g in todo}
 
-    todo = [g for g, group in enumerate(groups) if not storage.is_done(group_dir(folder, group))]
+    def start(g: int):
+        return task.remote(
+            run_dir, cfg, groups[g], g, res.device, res.num_cpus, res.memory_share, real.get(g)
+        )
+
     pending = {start(g): g for g in todo}
     skipped = len(groups) - len(todo)
     say(f"condensing {len(classes)} classes in {len(groups)} groups ({skipped} already done)")
@@ -257,11 +261,13 @@ def condense_group(
     device: str = "cpu",
     threads: int | None = None,
     memory_share: float = 1.0,
+    real: list[torch.Tensor] | None = None,
 ) -> None:
     """Condense one group of classes and write its images (runs as a Ray task, or in process).
 
     threads: torch's CPU threads (the task's CPUs); memory_share: the share of the device's free
-    memory this task's chunks may fill."""
+    memory this task's chunks may fill; real: for `--targets online`, every training image of
+    each of the group's classes (uint8 [n_c, H, W, ch])."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if threads:
         torch.set_num_threads(threads)
@@ -291,7 +297,7 @@ def condense_group(
     else:
         summary = storage.read_json(storage.join(stats_dir(run_dir), storage.DONE))
         smallest = min(summary["class_images"])
-        targets = OnlineTargets(real_images(bank_json, classes), classes, bank, cfg, smallest)
+        targets = OnlineTargets(real, classes, bank, cfg, smallest)
     storage.write_json(beat, {"step": state.step, "at": time.time()})
     last_beat = time.monotonic()
 
@@ -320,7 +326,9 @@ def condense_group(
     )
     result = {"images": state.images.cpu().contiguous(), "history": _json_tensor(state.history)}
     storage.write_bytes(storage.join(out, RESULT), st_save(result))
-    storage.mark_done(out, {"classes": classes, "steps": state.step})
+    storage.mark_done(
+        out, lineage.group_marker(bank_json, {"classes": classes, "steps": state.step})
+    )
     storage.delete(ckpt)
     storage.delete(beat)
 
@@ -331,11 +339,10 @@ def real_images(bank_json: dict, classes: list[int]) -> list[torch.Tensor]:
 
     spec = BankSpec.from_json(bank_json["spec"])
     profile = get_profile(bank_json["profile"], spec.resolution)
-    wanted = {c: [] for c in classes}
-    for row in read.iter_decoded(storage.list_shards(bank_json["data"]), profile, spec.num_classes):
-        if not row[ERROR] and row[LABEL] in wanted:
-            wanted[row[LABEL]].append(row[IMAGE])
-    return [torch.from_numpy(np.stack(wanted[c])) for c in classes]
+    images, labels, _ = read.read_split(
+        storage.list_shards(bank_json["data"]), profile, spec.num_classes
+    )
+    return [torch.from_numpy(images[labels == c]) for c in classes]
 
 
 def decoded_set(result: CondenseResult, factor: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,7 +33,7 @@ from condense_pipeline.config import StatsConfig
 from condense_pipeline.datasets import Profile
 from condense_pipeline.errors import UserError
 from condense_pipeline.formats import BANK_JSON, ERROR, IMAGE, KEY, LABEL, SHARD, STATS_DIR
-from condense_pipeline.pipeline import read
+from condense_pipeline.pipeline import lineage, read
 from condense_pipeline.pipeline.cluster import ensure_ray, plan_workers, ray_failure
 
 log = logging.getLogger(__name__)
@@ -184,6 +184,7 @@ def _check_existing(folder: str, bank_json: dict) -> bool:
     )
     if existing["dataset"] != bank_json["dataset"]:
         diff.append("the training data changed")
+    diff += lineage.pool_conflict(existing, bank_json, storage.is_done(folder))
     if diff:
         raise UserError(
             f"{folder} holds statistics computed with other settings ({'; '.join(diff)}); "
@@ -253,7 +254,11 @@ def run_stats(
         raise UserError(f"class {info['classes'][empty[0]]} has no training images in {data}")
     spec = bank_spec(profile, cfg)
     folder = stats_dir(run_dir)
-    bank_json = {"spec": spec.to_json(), "dataset": dataset_fingerprint(info)}
+    bank_json = {
+        "spec": spec.to_json(),
+        "dataset": dataset_fingerprint(info),
+        "init_pool": cfg.init_pool,
+    }
     extra = {"data": data, "profile": profile.name, "class_names": info["classes"]}
     if storage.exists(storage.join(folder, BANK_JSON)):
         if overwrite:
@@ -267,7 +272,6 @@ def run_stats(
     torch_device = plan.device
     bank_json["device"] = torch_device
     bank_json["tf32"] = bool(torch.backends.cuda.matmul.allow_tf32) if plan.num_gpus else False
-    bank_json["init_pool"] = cfg.init_pool
     bank_json.update(extra)
     storage.write_json(storage.join(folder, BANK_JSON), bank_json)
 
@@ -578,15 +582,6 @@ def load_stats(run_dir: str, classes: list[int], device="cpu") -> ClassStats:
         for c in classes
     ]
     return concat_classes(pieces)
-
-
-def load_pools(run_dir: str, num_classes: int) -> list[torch.Tensor]:
-    """Every class's init pool (uint8 [n, H, W, ch]), holding one class file at a time."""
-    pools = []
-    for start in range(0, num_classes, CLASSES_PER_FILE):
-        part = ClassStats.load(storage.join(stats_dir(run_dir), class_file(start)))
-        pools += [part.pool(c)[0] for c in range(len(part.pool_keys))]
-    return pools
 
 
 def load_bandwidths(run_dir: str) -> torch.Tensor | None:
