@@ -273,8 +273,8 @@ def condense_group(
         torch.set_num_threads(threads)
     out = group_dir(condense_dir(run_dir, cfg), classes)
     beat = storage.join(out, HEARTBEAT)
-    # A beat at start and once the targets are built, so that start-up (online mode decodes the
-    # training set) does not count as a stall.
+    # A beat at start and once the targets are built, so that start-up (loading the statistics)
+    # does not count as a stall.
     storage.write_json(beat, {"step": -1, "at": time.time()})
     bank_json = read_bank(run_dir)
     spec = BankSpec.from_json(bank_json["spec"])
