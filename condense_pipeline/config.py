@@ -86,7 +86,8 @@ class CondenseConfig:
     embedding_weight: float = 1.0
     momentum: float = 0.5
     classes: tuple[int, ...] | None = None  # None: every class
-    groups: int | None = None  # None: one group per worker
+    groups: int | None = None  # None: one group per GPU (CPU-only: one per node)
+    chunk: int | None = None  # stored images per forward; None: from the device's free memory
     stall_timeout_s: float = 600.0  # fail when no group has made a step for this long
 
     def __post_init__(self):
@@ -101,17 +102,21 @@ class CondenseConfig:
             raise UserError("--factor must be at least 1")
         if self.stall_timeout_s <= 0:
             raise UserError("--stall-timeout must be a positive number of seconds")
+        if self.chunk is not None and self.chunk < 1:
+            raise UserError("--chunk must be at least 1 image")
+        if self.groups is not None and self.groups < 1:
+            raise UserError("--groups must be at least 1")
 
     @property
     def preset(self) -> MethodPreset:
         return PRESETS[self.method]
 
     def folder_name(self) -> str:
-        """Per-config folder: settings that change the images are hashed; grouping and the
-        stall timeout are not."""
+        """Per-config folder: settings that change the images are hashed; grouping, chunking and
+        the stall timeout are not (they change the images only by float32 rounding)."""
         fields = asdict(self)
-        fields.pop("groups")
-        fields.pop("stall_timeout_s")
+        for name in ("groups", "chunk", "stall_timeout_s"):
+            fields.pop(name)
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
         return f"ipc{self.ipc}-{self.method}-{digest}"
 
@@ -137,18 +142,59 @@ def condense_config(profile: Profile, method: str, ipc: int, **overrides) -> Con
     return replace(cfg, **given)
 
 
-def stats_config(profile: Profile, methods: tuple[str, ...], **overrides) -> StatsConfig:
+# What `stats` keeps without --init-pool and without a condensation to size it for: enough for
+# IPC 10 with any method's preset and a random-real baseline of EVAL_RUNS runs.
+DEFAULT_POOL_IPC = 10
+EVAL_RUNS = 5  # evaluation runs per set (`evaluate --runs`)
+
+
+def init_images(ipc: int, factor: int, init: str) -> int:
+    """Real images per class the initialisation takes: the first ones of the init pool."""
+    return {"real": ipc, "mix": ipc * factor * factor, "noise": 0}[init]
+
+
+def init_pool(cond: CondenseConfig, baseline_runs: int = 0) -> int:
+    """The init pool a condensation needs per class: its initialisation's images, then
+    `baseline_runs` disjoint subsets of IPC images for the evaluation's random-real baseline
+    (so no baseline run trains on the condensed set's starting images, nor on another run's)."""
+    return init_images(cond.ipc, cond.factor, cond.init) + baseline_runs * cond.ipc
+
+
+def check_pool(have: list[int], cond: CondenseConfig, baseline_runs: int = 0) -> None:
+    """Refuse a condensation (and its baseline) that per-class pools of `have` images cannot
+    serve, with the flags that make statistics which can."""
+    need = init_pool(cond, baseline_runs)
+    short = [c for c in cond.classes or range(len(have)) if have[c] < need]
+    if short:
+        c = short[0]
+        runs = f" and {baseline_runs} random-real subsets of {cond.ipc}" if baseline_runs else ""
+        raise UserError(
+            f"class {c} has {have[c]} initial images but --init {cond.init} at IPC {cond.ipc} "
+            f"(factor {cond.factor}){runs} needs {need}: rerun stats with --init-pool {need} "
+            "--overwrite (a class with fewer training images needs a lower --ipc or --runs)"
+        )
+
+
+def stats_config(
+    profile: Profile, methods: tuple[str, ...], *, pool_for: int | None = None, **overrides
+) -> StatsConfig:
     """A StatsConfig with the profile's defaults; None overrides are ignored, and
-    real_per_probe="all" means every image under every probe."""
+    real_per_probe="all" means every image under every probe. Without an `init_pool` override,
+    the pool is `pool_for` (init_pool's answer for the condensation it serves) or, without one,
+    enough for IPC 10 and EVAL_RUNS baseline runs with every method in `methods`."""
     if overrides.get("real_per_probe") == "all":
         overrides = {**overrides, "real_per_probe": None, "_all": True}
     use_all = overrides.pop("_all", False)
+    if pool_for is None:
+        pool_for = max(
+            init_pool(condense_config(profile, m, DEFAULT_POOL_IPC), EVAL_RUNS) for m in methods
+        )
     cfg = StatsConfig(
         methods=methods,
         probes=profile.probes,
         real_per_probe=profile.real_per_probe,
         rff_dim=profile.rff_dim,
-        init_pool=40,
+        init_pool=pool_for,
     )
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     return replace(cfg, real_per_probe=None) if use_all else cfg

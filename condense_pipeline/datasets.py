@@ -34,9 +34,13 @@ class Profile:
     iters_per_probe: tuple[int, int, int]
     eval_epochs: int
     description: str
-    # m3d unless measured otherwise (DESIGN.md 10a says m3d where it fits); digits: dm, because at
+    # The method `run` prefers; pipeline/estimate.choose_method falls back to dm when the cluster
+    # cannot hold M3D's statistics or condense it within its time budget. digits: dm, because at
     # 8 px M3D's factor 2 leaves 4 px patches and scored below the random-real baseline.
     default_method: str = "m3d"
+    # Training images per class that `prepare` holds out as the validation split (at most a fifth
+    # of a class): about 5 % of the training set, ImageNet's 50 per class like its own val set.
+    validation_per_class: int = 500
 
     def steps_for(self, method: str) -> int:
         return self.steps[METHODS.index(method)]
@@ -108,6 +112,7 @@ PROFILES: dict[str, Profile] = {
             eval_epochs=300,
             description="scikit-learn's bundled 8x8 digits (1,797 images); the offline demo",
             default_method="dm",
+            validation_per_class=10,
         ),
         _small("mnist", 10, 1, 28, (0.1307,), (0.3081,), AUGMENT_DIGITS, "MNIST, 28 px"),
         _small(
@@ -123,15 +128,18 @@ PROFILES: dict[str, Profile] = {
             AUGMENT_ALL,
             "CIFAR-10, 32 px",
         ),
-        _small(
-            "cifar100",
-            100,
-            3,
-            32,
-            (0.5071, 0.4866, 0.4409),
-            (0.2673, 0.2564, 0.2762),
-            AUGMENT_ALL,
-            "CIFAR-100, 32 px",
+        dataclasses.replace(
+            _small(
+                "cifar100",
+                100,
+                3,
+                32,
+                (0.5071, 0.4866, 0.4409),
+                (0.2673, 0.2564, 0.2762),
+                AUGMENT_ALL,
+                "CIFAR-100, 32 px",
+            ),
+            validation_per_class=50,
         ),
         _small(
             "svhn",
@@ -160,6 +168,7 @@ PROFILES: dict[str, Profile] = {
             iters_per_probe=_IPP,
             eval_epochs=1000,
             description="TinyImageNet, 200 classes, 64 px",
+            validation_per_class=50,
         ),
         Profile(
             name="imagenet",
@@ -178,6 +187,7 @@ PROFILES: dict[str, Profile] = {
             iters_per_probe=_IPP,
             eval_epochs=1000,
             description="ImageNet-1K, squashed to 64 px (128 px with --resolution 128)",
+            validation_per_class=50,
         ),
     ]
 }

@@ -6,6 +6,7 @@ LABEL_SUFFIX = "cls"
 DATASET_JSON = "dataset.json"
 DATASET_FORMAT = 1
 TRAIN, TEST = "train", "test"
+VALIDATION = "validation"  # held out of the training images by `prepare`
 
 # Rows of the decoded dataset that the reader gives Ray Data.
 KEY = "key"
@@ -22,6 +23,7 @@ CONDENSE_DIR = "condense"
 EXPORT_DIR = "export"
 EVAL_DIR = "eval"
 REPORT_JSON = "report.json"
+BASELINE_JSON = "baseline.json"  # beside report.json: the keys each baseline run trained on
 
 # Exported condensed set.
 # 2: the Parquet image column is a struct {bytes, path} with Hugging Face features (was png bytes)

@@ -200,12 +200,15 @@ def list_shards(spec: str) -> list[str]:
     """Shard locations from a folder, a glob, a brace pattern or one file; sorted, never empty."""
     if _BRACE.search(spec):
         shards = expand_braces(spec)
-        missing = [s for s in shards if not exists(s)]
+        # One listing per folder, not one request per shard (a serial HEAD each on a store).
+        where = [_split_path(s) for s in shards]
+        listed = {folder: set(list_dir(folder)) for folder, _ in where}
+        missing = [s for s, (folder, name) in zip(shards, where) if name not in listed[folder]]
         if missing:
             raise UserError(f"{len(missing)} shard(s) of {spec} do not exist, first: {missing[0]}")
         return shards
     if any(ch in spec for ch in "*?["):
-        folder, pattern = spec.rsplit("/", 1) if "/" in spec else (".", spec)
+        folder, pattern = _split_path(spec)
         shards = [join(folder, n) for n in list_dir(folder) if fnmatch.fnmatch(n, pattern)]
     elif is_dir(spec):
         shards = [join(spec, n) for n in list_dir(spec) if n.endswith(".tar")]
@@ -216,3 +219,8 @@ def list_shards(spec: str) -> list[str]:
     if not shards:
         raise UserError(f"no .tar shards found at {spec}")
     return shards
+
+
+def _split_path(location: str) -> tuple[str, str]:
+    """(folder, name) of a location; "." for a bare name."""
+    return tuple(location.rsplit("/", 1)) if "/" in location else (".", location)

@@ -40,7 +40,7 @@ def test_condense_dataset_returns_the_condensed_set_and_resumes(ray_local, digit
     assert {r["class_name"] for r in rows} == set("0123456789")
     info = storage.read_json(os.path.join(work, "data", "train", "dataset.json"))
     assert sum(info["counts"]) == (len(digits[1]) + 2) // 3
-    assert all(len(k) == 40 for k in load_stats(work, [0]).pool_keys)  # sha1 of the image bytes
+    assert all(len(k) == 40 for k in load_stats(work, [0]).pool_keys[0])  # sha1 of the image bytes
 
     # A second call reuses the written shards and the finished stages.
     shards = sorted(os.listdir(os.path.join(work, "data", "train")))

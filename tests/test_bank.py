@@ -7,14 +7,17 @@ import numpy as np
 import torch
 from conftest import small_spec
 
-from condense_pipeline.condense.bank import ProbeBank
+from condense_pipeline.condense.bank import ProbeBank, pilot_bandwidths
 from condense_pipeline.condense.losses import gaussian_kernel
-from condense_pipeline.condense.sampling import key_hashes, probe_uniforms
+from condense_pipeline.condense.networks import ConvNet
+from condense_pipeline.condense.sampling import derive_seed, key_hashes, probe_uniforms
 
 WEIGHTS_SCRIPT = """
 import sys, hashlib
 from conftest import small_spec
-from condense_pipeline.condense.bank import ProbeBank
+from condense_pipeline.condense.bank import ProbeBank, pilot_bandwidths
+from condense_pipeline.condense.networks import ConvNet
+from condense_pipeline.condense.sampling import derive_seed
 net = ProbeBank(small_spec()).network(3)
 h = hashlib.sha256()
 for t in net.state_dict().values():
@@ -47,8 +50,9 @@ def test_key_hash_is_stable_and_keyed():
     a = key_hashes(["x", "y"], seed=1)
     assert np.array_equal(a, key_hashes(["x", "y"], seed=1))
     assert not np.array_equal(a, key_hashes(["x", "y"], seed=2))
-    # a literal value: Python's salted hash() would change between processes
-    assert int(key_hashes(["x"], seed=0)[0]) == int(key_hashes(["x"], seed=0)[0])
+    # Catches: a hash that changes between processes (Python's salted hash()) or between
+    # versions: workers on other machines and later reruns must pick the same images.
+    assert int(key_hashes(["x"], seed=0)[0]) == 9668773099883886478
 
 
 def test_membership_rate_is_m_over_n():
@@ -62,11 +66,17 @@ def test_membership_rate_is_m_over_n():
 
 
 def test_siamese_augmentation_is_the_same_for_real_and_synthetic(bank):
-    x = torch.randn(4, 1, 8, 8)
+    # Catches: a transform table drawn from anything but (seed, k, c), so the stats worker that
+    # augments the real images and the condense task that augments the synthetic ones (two
+    # banks, two processes) apply different transforms; and one transform for every class.
+    x = torch.randn(1, 1, 8, 8).expand(4, -1, -1, -1)
     labels = torch.tensor([2, 2, 5, 5])
-    together = bank.augment(1, x, labels)
-    apart = torch.cat([bank.augment(1, x[:2], labels[:2]), bank.augment(1, x[2:], labels[2:])])
-    assert torch.equal(together, apart)
+    real = bank.augment(1, x, labels)
+    synthetic = ProbeBank(bank.spec).augment(1, x[[0, 2]], labels[[0, 2]])
+    assert torch.equal(real[[0, 2]], synthetic)
+    assert torch.equal(real[0], real[1])  # one transform per class under a probe
+    differ = [not torch.equal(*bank.augment(k, x[[0, 2]], labels[[0, 2]])) for k in range(6)]
+    assert sum(differ) >= 4  # classes 2 and 5 draw their own (the same op can come up)
 
 
 def _kernel_error(R: int, draws: int = 8) -> float:
@@ -107,3 +117,32 @@ def test_rff_cross_term_is_unbiased():
     est = np.array(estimates)
     assert 0 < exact <= 5
     assert abs(est.mean() - exact) < 4 * est.std() / np.sqrt(len(est))
+
+
+def test_pilot_in_chunks_equals_one_batch(bank, digits):
+    # Catches a chunked pilot that loses or double-counts images at chunk edges, or mixes
+    # classes: the reference is the former one-batch pilot with the pairwise distances written
+    # out (cdist), not the sums formula the pilot uses.
+    images, labels, _ = digits
+    x, y = images[:300], torch.from_numpy(labels[:300])
+    chunked = pilot_bandwidths(bank, x, y, chunk=7)
+    one_batch = torch.zeros_like(chunked)
+    for k in range(bank.spec.probes):
+        with torch.no_grad():
+            emb = bank.network(k).embed(bank.augment(k, bank.normalize(x), y)).double()
+        for c in range(10):
+            rows = emb[y == c]
+            n = len(rows)
+            one_batch[k, c] = torch.cdist(rows, rows).pow(2).sum() / (n * (n - 1))
+    assert ((chunked - one_batch).abs().max() / one_batch.abs().max()).item() < 1e-5
+
+
+def test_probe_network_keeps_the_weights_statistics_were_computed_with(bank):
+    # Catches a change of seeding or construction order in the registry path (seeded_model),
+    # which would silently make a bank's networks differ from those of saved statistics.
+    torch.manual_seed(derive_seed(bank.spec.seed, "net", 3))
+    before = ConvNet(1, 8, depth=2)
+    after = bank.network(3)
+    assert all(
+        torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values())
+    )

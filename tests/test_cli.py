@@ -1,9 +1,11 @@
 """The command line: clear one-line errors with exit code 2, and the commands that need no Ray."""
 
+import json
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -77,7 +79,7 @@ def test_stats_dry_run_prints_the_cost_and_writes_nothing(tmp_path):
         "--dry-run", "--method", "all",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert "probe forwards: 287,400" in out.stdout  # K = 200 probes x 1437 images
+    assert "probe forwards: 267,400" in out.stdout  # K = 200 probes x 1337 training images
     assert "accumulator per worker" in out.stdout
     assert not (tmp_path / "run").exists()
 
@@ -125,8 +127,9 @@ def test_every_command_and_a_rerun_that_resumes(digits_data, tmp_path):
     assert group_files(folder) == stamps
 
     # The stages as separate commands on the same run directory.
+    # (`run` kept an init pool of 2: IPC 1 for the init, 1 run x IPC 1 for the baseline)
     stats = cli("stats", "digits", "--data", data, "--out", str(run_dir), "--method", "dm",
-                "--probes", "4")  # fmt: skip
+                "--probes", "4", "--init-pool", "2")  # fmt: skip
     assert "statistics reused" in ok(stats)
     assert "condensed 10 images" in ok(
         cli("condense", str(run_dir), "--ipc", "1", "--iterations", "10", "--method", "dm")
@@ -134,11 +137,20 @@ def test_every_command_and_a_rerun_that_resumes(digits_data, tmp_path):
     assert group_files(folder) == stamps
     assert "exported 10 images" in ok(cli("export", str(folder)))
     report = ok(cli("evaluate", str(folder), "--test", test, "--epochs", "1", "--runs", "1"))
-    assert "%" in report
+    # Catches: a printed line that is not the report's (or a report not written): the figures
+    # on screen are report.json's.
+    saved = json.loads((folder / "eval" / "report.json").read_text())
+    c, b = saved["condensed"], saved["random_real"]
+    assert (
+        f"condensed {c['mean']:.2f} ± {c['std']:.2f}% vs random real {b['mean']:.2f} ± "
+        f"{b['std']:.2f}% (IPC 1)" in report
+    )
     shown = ok(cli("show", str(run_dir)))
     assert folder.name in shown and "probe forwards" in shown and "group(s) run" in shown
-    plan = ok(cli("condense", str(run_dir), "--ipc", "10", "--method", "dm", "--dry-run"))
-    assert "steps" in plan
+    plan = ok(cli("condense", str(run_dir), "--ipc", "10", "--method", "dm", "--dry-run",
+                  "--iterations", "37"))  # fmt: skip
+    # Catches: a plan that ignores the options: 37 steps x 10 classes x IPC 10 forwards.
+    assert "37 steps" in plan and "synthetic forwards+backwards: 3,700 (100 per step)" in plan
 
     # Statistics computed with other settings are refused, saying which, and left as they were.
     refused = cli("stats", "digits", "--data", data, "--out", str(run_dir), "--probes", "6")
@@ -146,3 +158,36 @@ def test_every_command_and_a_rerun_that_resumes(digits_data, tmp_path):
     lacking = cli("condense", str(run_dir), "--ipc", "1", "--method", "m3d")
     assert lacking.returncode == 2 and "rff" in lacking.stderr
     assert group_files(folder) == stamps
+
+    # Replaced statistics: the condensation made from the old ones is named, and shown stale.
+    replaced = ok(cli("stats", "digits", "--data", data, "--out", str(run_dir), "--method", "dm",
+                      "--probes", "6", "--init-pool", "2", "--overwrite"))  # fmt: skip
+    assert f"invalidated condense/{folder.name}" in replaced
+    assert f"condense/{folder.name} (stale: the statistics changed)" in ok(
+        cli("show", str(run_dir))
+    )
+
+
+def _parquet_images(run_dir):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    (folder,) = (run_dir / "condense").iterdir()
+    table = pq.read_table(folder / "export" / "parquet")
+    order = np.argsort(table.column("key").to_pylist())
+    return np.stack([np.asarray(t, np.float32) for t in table.column("tensor").to_pylist()])[order]
+
+
+def test_run_gives_the_same_images_in_five_groups_as_in_one(digits_data, tmp_path):
+    # Catches `run` ignoring --groups or a grouping that changes the images (a group's seed,
+    # schedule or chunking depending on the grouping).
+    data = str(digits_data / "train")
+    budget = ["--probes", "4", "--iterations", "20", "--no-eval", "--data", data]
+    args = ["run", "digits", "--ipc", "2", "--method", "dm", *budget, "--out", str(tmp_path)]
+    five = ok(cli(*args, "--groups", "5"))
+    assert "5 group(s) run" in five
+    images_five = _parquet_images(tmp_path)
+    one = ok(cli(*args, "--groups", "1", "--chunk", "3"))
+    assert "1 group(s) run" in one
+    images_one = _parquet_images(tmp_path)
+    assert np.abs(images_five - images_one).max() / np.abs(images_one).max() < 1e-5

@@ -14,7 +14,7 @@ from condense_pipeline.evaluate import (
     evaluate_condensed,
     load_condensed,
     load_condensed_ray,
-    random_real_subset,
+    random_real_subsets,
     train_and_test,
 )
 from condense_pipeline.pipeline.export import export_condensed
@@ -137,19 +137,21 @@ def test_train_and_test_rejects_the_wrong_shape():
         train_and_test(x, y, x, y, DIGITS, 2, EvalConfig(epochs=1), run_seed=0)
 
 
-def test_random_real_subset_picks_ipc_per_class_deterministically():
+def test_random_real_subsets_are_seeded_and_disjoint():
+    # Catches: baseline runs that train on one fixed subset (a spread without subset variance)
+    # or on overlapping ones.
     labels = torch.arange(5).repeat(7)  # 7 images of each of 5 classes, interleaved
-    images = torch.arange(35, dtype=torch.float32).view(35, 1, 1, 1)
-    x, y = random_real_subset(images, labels, ipc=3, num_classes=5, seed=0)
-    assert torch.bincount(y, minlength=5).tolist() == [3] * 5
-    assert torch.equal(labels[x.flatten().long()], y)  # each image kept its own label
-    assert len(set(x.flatten().tolist())) == 15  # no image twice
-    again, _ = random_real_subset(images, labels, ipc=3, num_classes=5, seed=0)
-    other, _ = random_real_subset(images, labels, ipc=3, num_classes=5, seed=1)
-    assert torch.equal(x, again)
-    assert not torch.equal(x, other)
-    with pytest.raises(UserError, match="lower --ipc"):
-        random_real_subset(images, labels, ipc=8, num_classes=5, seed=0)
+    subsets = random_real_subsets(labels, ipc=3, seeds=[0, 1], num_classes=5)
+    for idx in subsets:
+        assert torch.bincount(labels[idx], minlength=5).tolist() == [3] * 5
+        assert labels[idx].tolist() == sorted(labels[idx].tolist())  # ordered by class
+    assert not set(subsets[0].tolist()) & set(subsets[1].tolist())
+    again = random_real_subsets(labels, ipc=3, seeds=[0, 1], num_classes=5)
+    assert all(torch.equal(a, b) for a, b in zip(subsets, again))
+    other = random_real_subsets(labels, ipc=3, seeds=[2, 1], num_classes=5)
+    assert not torch.equal(subsets[0], other[0])
+    with pytest.raises(UserError, match="lower --runs or --ipc"):
+        random_real_subsets(labels, ipc=3, seeds=[0, 1, 2], num_classes=5)
 
 
 def test_eval_config_rejects_bad_values():
@@ -164,15 +166,18 @@ def test_evaluate_condensed_reports_and_writes(tmp_path):
     test_x, test_y = separable(10, seed=2)
     train_x, train_y = separable(10, seed=3)
     lines = []
-    cfg = EvalConfig(epochs=2, runs=2, batch_size=8)
+    cfg = EvalConfig(epochs=8, runs=2, batch_size=8)
     report_dir = str(tmp_path / "eval")
     report = evaluate_condensed(
-        out, test_x, test_y, train_x, train_y, DIGITS, 2, 4, cfg, lines.append, report_dir
+        out, test_x, test_y, train_x, 1 - train_y, DIGITS, 2, 4, cfg, lines.append, report_dir
     )
+    # Catches: the baseline trained on the condensed set (or the two swapped in the report),
+    # and accuracy measured on anything but the test set. The real images come with their
+    # labels swapped, so a baseline trained on them scores near 0 and the condensed set near 100.
     assert len(report["condensed"]["runs"]) == 2 and len(report["random_real"]["runs"]) == 2
-    for part in ("condensed", "random_real"):
-        assert all(0 <= a <= 100 for a in report[part]["runs"])
-    assert (report["ipc"], report["epochs"], report["model"]) == (4, 2, "convnet")
+    assert min(report["condensed"]["runs"]) >= 90 and max(report["random_real"]["runs"]) <= 10
+    assert report["condensed"]["seeds"] == report["random_real"]["seeds"] == [0, 1]
+    assert (report["ipc"], report["epochs"], report["model"]) == (4, 8, "convnet")
     assert report["num_train_condensed"] == 8
     assert report["float_vs_png_max_abs_diff"] <= 0.5 / 255 / DIGITS.std[0] + 1e-5
     assert len(lines) == 4
@@ -181,19 +186,13 @@ def test_evaluate_condensed_reports_and_writes(tmp_path):
 
 
 def test_runs_as_ray_tasks_give_the_same_report(tmp_path, ray_local):
-    import ray
-
     out, _ = exported(tmp_path)
     test_x, test_y = separable(10, seed=2)
     train_x, train_y = separable(10, seed=3)
     cfg = EvalConfig(epochs=3, runs=2, batch_size=8)
     args = (out, test_x, test_y, train_x, train_y, DIGITS, 2, 4, cfg)
-    parallel = evaluate_condensed(*args)  # Ray is up: one task per run
-    ray.shutdown()
-    try:
-        serial = evaluate_condensed(*args)
-    finally:
-        ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="ERROR")
+    parallel = evaluate_condensed(*args, use_ray=True)  # one task per run
+    serial = evaluate_condensed(*args, use_ray=False)
     for part in ("condensed", "random_real"):
         # Each run's seed fixes it; a task trains with one thread, which may flip at most one of
         # the 20 test images (5 %) through float summation order.

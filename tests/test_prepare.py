@@ -58,16 +58,22 @@ def test_digits_round_trip_matches_sklearn_split(tmp_path):
     from sklearn.model_selection import train_test_split
 
     summary = prepare_dataset("digits", None, str(tmp_path), shard_size=500)
-    assert summary["train"]["samples"] == 1437 and summary["train"]["shards"] == 3
+    assert summary["train"]["samples"] == 1337 and summary["train"]["shards"] == 3
     assert summary["test"]["samples"] == 360 and summary["test"]["shards"] == 1
+    assert summary["validation"]["samples"] == 100  # the profile's 10 per class, held out
 
     digits = load_digits()
     x = np.round(digits.images * 255 / 16).astype(np.uint8)
     x_train, x_test, y_train, y_test = train_test_split(
         x, digits.target, test_size=0.2, stratify=digits.target, random_state=0
     )
+    held = read_back(str(tmp_path / "validation"), "digits")
+    assert np.bincount([label for _, label in held.values()]).tolist() == [10] * 10
     for split, xs, ys in (("train", x_train, y_train), ("test", x_test, y_test)):
         rows = read_back(str(tmp_path / split), "digits")
+        if split == "train":
+            assert not set(rows) & set(held)  # what the statistics see excludes validation
+            rows.update(held)
         assert len(rows) == len(xs)
         for i in range(len(xs)):
             image, label = rows[f"{split}-{i:06d}"]
@@ -76,9 +82,11 @@ def test_digits_round_trip_matches_sklearn_split(tmp_path):
         info = load_dataset_info(str(tmp_path / split))
         assert info["format"] == DATASET_FORMAT and info["split"] == split
         assert info["classes"] == [str(i) for i in range(10)]
-        assert info["counts"] == np.bincount(ys, minlength=10).tolist()
+        held_out = 10 * (split == "train")
+        assert info["counts"] == (np.bincount(ys, minlength=10) - held_out).tolist()
         assert info["channels"] == 1 and info["native_size"] == 8
-        assert info["num_samples"] == sum(s["samples"] for s in info["shards"]) == len(xs)
+        assert info["num_samples"] == sum(s["samples"] for s in info["shards"])
+        assert info["num_samples"] == len(xs) - 10 * held_out
 
 
 def test_digits_pixels_map_one_to_one():
@@ -374,7 +382,7 @@ def test_cifar10_batches(tmp_path):
     _dump(src / "batches.meta", {b"label_names": [b"airplane", b"automobile", b"bird"]})
 
     out = tmp_path / "out"
-    summary = prepare_dataset("cifar10", str(src), str(out))
+    summary = prepare_dataset("cifar10", str(src), str(out), validation=0)  # every image back
     assert summary["train"]["samples"] == 10 and summary["test"]["samples"] == 3
     info = load_dataset_info(str(out / "train"))
     assert info["classes"] == ["airplane", "automobile", "bird"] and info["channels"] == 3
@@ -478,10 +486,10 @@ def test_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
         "train-000000.tar",
         "train-000001.tar",
     ]
-    assert json.loads((out / "train" / DATASET_JSON).read_text())["num_samples"] == 1437
+    assert json.loads((out / "train" / DATASET_JSON).read_text())["num_samples"] == 1337
 
 
-# --- Ray tasks (last: once Ray is up, prepare uses it for every size) ---
+# --- Ray tasks ---
 
 
 @pytest.fixture(scope="module")
@@ -504,10 +512,12 @@ def test_ray_tasks_write_the_same_shards(tmp_path, ray_local, monkeypatch):
     expected = [shards.write_shard(job) for job in shards.plan_shards(data, str(tmp_path), 4, 0)]
 
     def no_local(*args):
-        raise AssertionError("with Ray up, shards must be written by Ray tasks")
+        raise AssertionError("with use_ray=True, shards must be written by Ray tasks")
 
     monkeypatch.setattr(shards, "_run_local", no_local)
-    summary = prepare_dataset("imagenet", str(root), str(tmp_path / "out"), shard_size=4)
+    summary = prepare_dataset(
+        "imagenet", str(root), str(tmp_path / "out"), shard_size=4, validation=0, use_ray=True
+    )
     assert summary["train"] == {"samples": 18, "shards": 5, "path": str(tmp_path / "out/train")}
     info = load_dataset_info(str(tmp_path / "out" / "train"))
     assert [s["sha256"] for s in info["shards"]] == [r["sha256"] for r in expected]

@@ -14,10 +14,16 @@ import time
 import typer
 
 from condense_pipeline import storage
-from condense_pipeline.config import CondenseConfig, condense_config, stats_config
+from condense_pipeline.config import (
+    EVAL_RUNS,
+    CondenseConfig,
+    condense_config,
+    init_pool,
+    stats_config,
+)
 from condense_pipeline.datasets import METHODS, PROFILES, get_profile
 from condense_pipeline.errors import Stopped, UserError
-from condense_pipeline.formats import TEST, TRAIN
+from condense_pipeline.formats import TEST, TRAIN, VALIDATION
 from condense_pipeline.report import write_report
 
 HELP = """Condense an image dataset to a few synthetic images per class (DM, M3D, DataDAM) on Ray.
@@ -47,6 +53,17 @@ COMMIT = typer.Option(
     help="Seconds between the stats pass's commits (default 300; 0: after every unit). A "
     "stopped or crashed pass resumes from the last commit.",
 )
+GROUPS = typer.Option(
+    None, help="Class groups (default: one per GPU, or per node); one runs per GPU at a time."
+)
+CHUNK = typer.Option(
+    None, help="Stored images per forward (default: from the device's free memory)."
+)
+BATCH_REAL = typer.Option(None, help="Real images per class per step (--targets online).")
+LR = typer.Option(None, help="Image learning rate (m3d: in [0, 1] pixel space).")
+FACTOR = typer.Option(None, help="Multi-formation factor f (f^2 images per stored).")
+INIT = typer.Option(None, help="real, noise or mix.")
+ITERS_PER_PROBE = typer.Option(None, help="Consecutive steps per probe.")
 
 
 def _classes(spec: str | None) -> tuple[int, ...] | None:
@@ -118,14 +135,25 @@ def prepare(
     labels: str = typer.Option(None, help="Labels file of a flat image folder."),
     shard_size: int = typer.Option(1000, help="Samples per shard."),
     seed: int = typer.Option(0, help="Shuffle seed."),
+    validation: int = typer.Option(
+        None,
+        help="Training images per class held out as the validation split (default: the profile's).",
+    ),
 ) -> None:
-    """Convert a source into shuffled WebDataset train/test shards plus dataset.json."""
+    """Convert a source into shuffled WebDataset train/validation/test shards plus dataset.json."""
     from condense_pipeline.prepare import prepare_dataset
 
     get_profile(dataset)
     started = time.perf_counter()
     summary = prepare_dataset(
-        dataset, source, out, split=split, labels=labels, shard_size=shard_size, seed=seed
+        dataset,
+        source,
+        out,
+        split=split,
+        labels=labels,
+        shard_size=shard_size,
+        seed=seed,
+        validation=validation,
     )
     for name, s in summary.items():
         say(f"{name}: {s['samples']} samples in {s['shards']} shards at {s['path']}")
@@ -154,7 +182,9 @@ def stats(
     probes: int = typer.Option(None, help="Probe bank size K."),
     real_per_probe: str = typer.Option(None, help="Real images per class per probe M, or all."),
     rff_dim: int = typer.Option(None, help="M3D random Fourier features R (a multiple of 5)."),
-    init_pool: int = typer.Option(None, help="Initial images kept per class."),
+    init_pool: int = typer.Option(
+        None, help="Initial images kept per class (default: enough for IPC 10 and 5 eval runs)."
+    ),
     attention_power: float = typer.Option(None, help="DataDAM's power p."),
     resolution: int = typer.Option(None, help="Image size (imagenet: 64 or 128)."),
     workers: int = typer.Option(None, help="Stats workers (default: one per GPU, or CPUs - 1)."),
@@ -191,6 +221,17 @@ def stats(
         profile, shards, out, cfg, address=address, overwrite=overwrite, progress=say
     )
     _print_stats(result.summary, result.reused)
+    if overwrite:
+        _print_invalidated(out)
+
+
+def _print_invalidated(run_dir: str) -> None:
+    """The condensations that statistics replaced with --overwrite made stale."""
+    from condense_pipeline.pipeline.condense import read_bank
+    from condense_pipeline.pipeline.lineage import stale_condensations
+
+    for name in stale_condensations(run_dir, read_bank(run_dir)):
+        say(f"invalidated condense/{name}: made from the replaced statistics; condense redoes it")
 
 
 def _int_or_all(value: str | None):
@@ -239,14 +280,15 @@ def condense(
     ipc: int = typer.Option(..., help="Images per class (stored)."),
     method: str = typer.Option(None, help="dm, m3d or datadam (default: what the stats hold)."),
     iterations: int = typer.Option(None, help="Optimisation steps."),
-    lr: float = typer.Option(None, help="Image learning rate (m3d: in [0, 1] pixel space)."),
-    factor: int = typer.Option(None, help="Multi-formation factor f (f^2 images per stored)."),
-    init: str = typer.Option(None, help="real, noise or mix."),
-    iters_per_probe: int = typer.Option(None, help="Consecutive steps per probe."),
-    groups: int = typer.Option(None, help="Class groups (parallel tasks)."),
+    lr: float = LR,
+    factor: int = FACTOR,
+    init: str = INIT,
+    iters_per_probe: int = ITERS_PER_PROBE,
+    groups: int = GROUPS,
+    chunk: int = CHUNK,
     classes: str = typer.Option(None, help="A subset, e.g. 0-99 or 1,5,7."),
     targets: str = typer.Option(None, help="bank (statistics) or online (the papers' way)."),
-    batch_real: int = typer.Option(None, help="Real images per class per step (online)."),
+    batch_real: int = BATCH_REAL,
     seed: int = SEED,
     address: str = ADDRESS,
     stall_timeout: float = STALL,
@@ -256,7 +298,8 @@ def condense(
     from condense_pipeline.pipeline.condense import run_condense
 
     profile, bank = _profile_of_run(run_dir)
-    method = method or _default_method(bank)
+    spec = bank["spec"]
+    method, why = _method(method, profile, ipc, spec["probes"], address, spec["statistics"])
     cfg = condense_config(
         profile,
         method,
@@ -267,12 +310,14 @@ def condense(
         init=init,
         iters_per_probe=iters_per_probe,
         groups=groups,
+        chunk=chunk,
         classes=_classes(classes),
         targets=targets,
         batch_real=batch_real,
         seed=seed,
         stall_timeout_s=stall_timeout,
     )
+    say(f"method {method}: {why}")
     if dry_run:
         from condense_pipeline.pipeline.estimate import condense_plan
 
@@ -285,9 +330,15 @@ def condense(
     say(f"condensed {len(result.labels)} images into {result.folder}")
 
 
-def _default_method(bank: dict) -> str:
-    held = bank["spec"]["statistics"]
-    return "m3d" if "rff" in held else "dm" if "emb" in held else "datadam"
+def _method(given, profile, ipc, probes, address, held=None) -> tuple[str, str]:
+    """The method and why: as given, or the default chosen from the cluster's plan."""
+    if given:
+        return given, "given with --method"
+    from condense_pipeline.pipeline.cluster import ensure_ray
+    from condense_pipeline.pipeline.estimate import choose_method, cluster_plan
+
+    ensure_ray(address)
+    return choose_method(profile, ipc, probes, cluster_plan(), held)
 
 
 def _load_condense_dir(folder: str):
@@ -315,14 +366,19 @@ def export(condense_dir: str) -> None:
 @app.command()
 def evaluate(
     condense_dir: str,
-    test: str = typer.Option(None, help="Test shards (default: the prepared test split)."),
+    test: str = typer.Option(None, help="Test shards (default: the prepared --split)."),
+    split: str = typer.Option(
+        TEST, help="test, or validation (held out by prepare) to choose settings on."
+    ),
     epochs: int = typer.Option(None, help="Training epochs (default: the profile's)."),
-    runs: int = typer.Option(5, help="Training runs per set."),
+    runs: int = typer.Option(EVAL_RUNS, help="Training runs per set."),
     model: str = typer.Option("convnet", help="convnet, alexnet, vgg11 or resnet18."),
     address: str = ADDRESS,
 ) -> None:
     """Train on the exported set and on random real subsets; test on the real test split.
     Each training run is a Ray task, so runs go in parallel as far as the cluster allows."""
+    if split not in (TEST, VALIDATION):
+        raise UserError(f"--split must be {TEST} or {VALIDATION}, not {split!r}")
     from condense_pipeline import api
     from condense_pipeline.evaluate.protocol import EvalConfig
     from condense_pipeline.pipeline.cluster import ensure_ray
@@ -331,7 +387,9 @@ def evaluate(
     profile, _ = _profile_of_run(run_dir)
     ecfg = EvalConfig(model=model, epochs=epochs or profile.eval_epochs, runs=runs)
     ensure_ray(address)
-    report = api.evaluate(run_dir, cfg, profile, ecfg, test, progress=say)
+    report = api.evaluate(
+        run_dir, cfg, profile, ecfg, test, progress=say, split=split, use_ray=True
+    )
     _print_report(report)
 
 
@@ -357,10 +415,17 @@ def run(
     probes: int = typer.Option(None, help="Probe bank size K."),
     real_per_probe: str = typer.Option(None, help="Real images per class per probe M, or all."),
     iterations: int = typer.Option(None, help="Condensation steps."),
+    lr: float = LR,
+    factor: int = FACTOR,
+    init: str = INIT,
+    iters_per_probe: int = ITERS_PER_PROBE,
+    groups: int = GROUPS,
+    chunk: int = CHUNK,
     classes: str = typer.Option(None, help="Condense a subset, e.g. 0-99."),
     targets: str = typer.Option(None, help="bank (statistics) or online (the papers' way)."),
+    batch_real: int = BATCH_REAL,
     epochs: int = typer.Option(None, help="Evaluation epochs (default: the profile's)."),
-    runs: int = typer.Option(5, help="Evaluation runs."),
+    runs: int = typer.Option(EVAL_RUNS, help="Evaluation runs."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip evaluation."),
     seed: int = SEED,
     address: str = ADDRESS,
@@ -377,29 +442,35 @@ def run(
     if dataset == "digits" and data is None:
         _prepare_digits_once()
     train = _data(profile, data, TRAIN)
-    method = method or _fits_method(profile, probes)
+    method, why = _method(method, profile, ipc, probes, address)
     cond = condense_config(
         profile,
         method,
         ipc,
         steps=iterations,
+        lr=lr,
+        factor=factor,
+        init=init,
+        iters_per_probe=iters_per_probe,
+        groups=groups,
+        chunk=chunk,
         classes=_classes(classes),
         targets=targets,
+        batch_real=batch_real,
         seed=seed,
         stall_timeout_s=stall_timeout,
     )
-    from condense_pipeline.condense.synthetic import needed_pool
-
     scfg = stats_config(
         profile,
         (method,),
+        pool_for=init_pool(cond, 0 if no_eval else runs),
         probes=probes,
         real_per_probe=_int_or_all(real_per_probe),
-        init_pool=max(needed_pool(ipc, cond.factor, cond.init), ipc, 1),
         seed=seed,
         stall_timeout_s=stall_timeout,
         commit_interval_s=commit_interval,
     )
+    say(f"method {method}: {why}")
     if dry_run:
         from condense_pipeline.pipeline.estimate import condense_plan
 
@@ -423,7 +494,10 @@ def run(
     with _stoppable():
         summary = api.run(cfg, progress=say)
     _print_stats(summary.stats, summary.stats["reused"])
+    if overwrite:
+        _print_invalidated(cfg.run_dir)
     _print_condense(summary.condense)
+    say(f"method {method}: {why}")
     say("time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary.seconds.items()))
     if summary.report:
         _print_report(summary.report)
@@ -431,16 +505,6 @@ def run(
         f"outputs: {summary.condense_dir}/export (wds/, parquet/, preview.png, loss.png, README.md)"
     )
     say(f"report: {write_report(summary.run_dir)}")
-
-
-def _fits_method(profile, probes) -> str:
-    """The profile's method; dm when M3D's statistics would not fit comfortably in memory."""
-    from condense_pipeline.pipeline.estimate import accumulator_bytes, memory_bytes
-
-    need = accumulator_bytes(profile, probes or profile.probes, ("rff",), profile.rff_dim)
-    if profile.default_method != "m3d":
-        return profile.default_method
-    return "m3d" if need < memory_bytes() / 4 else "dm"
 
 
 def _prepare_digits_once() -> None:
@@ -468,9 +532,17 @@ def show(run_dir: str) -> None:
         _print_stats(m["stats"], reused=False)
     if "condense" in m:
         _print_condense(m["condense"])
+    stale = set()
+    if storage.is_done(storage.join(run_dir, "stats")):
+        from condense_pipeline.pipeline.condense import read_bank
+        from condense_pipeline.pipeline.lineage import stale_condensations
+
+        stale = set(stale_condensations(run_dir, read_bank(run_dir)))
     for folder in storage.list_dir(storage.join(run_dir, CONDENSE_DIR)):
         report = storage.join(run_dir, CONDENSE_DIR, folder, "eval", "report.json")
-        line = f"  condense/{folder}"
+        line = f"  condense/{folder}" + (
+            " (stale: the statistics changed)" if folder in stale else ""
+        )
         if storage.exists(report):
             r = storage.read_json(report)
             line += f": condensed {r['condensed']['mean']:.2f}%"

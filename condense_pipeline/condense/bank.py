@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from condense_pipeline.condense import augment
-from condense_pipeline.condense.networks import ConvNet
+from condense_pipeline.condense.networks import ConvNet, seeded_model
 from condense_pipeline.condense.sampling import derive_seed
 from condense_pipeline.errors import UserError
+from condense_pipeline.pixels import normalise
 
 # M3D's kernel is a sum of 5 Gaussians with bandwidths h*m (mul_factor 2 around the mean distance).
 BANDWIDTH_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -70,7 +71,13 @@ class ProbeBank:
         self.device = torch.device(device)
         self._nets: dict[int, ConvNet] = {}
         self._rff: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._aug_ops, self._aug_params = self._augment_table()
+        # row k * C + c: probe k's transform of class c
+        seeds = [
+            derive_seed(spec.seed, "aug", k, c)
+            for k in range(spec.probes)
+            for c in range(spec.num_classes)
+        ]
+        self._siamese = SiameseTable(spec.augment, seeds, spec.resolution)
         lo = [(0.0 - m) / s for m, s in zip(spec.mean, spec.std)]
         hi = [(1.0 - m) / s for m, s in zip(spec.mean, spec.std)]
         self.pixel_low = torch.tensor(lo, device=self.device).view(1, -1, 1, 1)
@@ -78,11 +85,11 @@ class ProbeBank:
 
     # -- networks ---------------------------------------------------------------------------
     def network(self, k: int) -> ConvNet:
-        """Probe k's frozen network: default init on the CPU from (seed, k), then moved."""
+        """Probe k's frozen network (the spec's registry model, embedding only), seeded by
+        (seed, k)."""
         if k not in self._nets:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(self.spec.seed, "net", k))
-                net = ConvNet(self.spec.channels, self.spec.resolution, depth=self.spec.depth)
+            s = self.spec
+            net = seeded_model(s.network, derive_seed(s.seed, "net", k), s.channels, s.resolution)
             self._nets[k] = net.requires_grad_(False).to(self.device).eval()
         return self._nets[k]
 
@@ -91,36 +98,9 @@ class ProbeBank:
         return self.network(0).embed_dim
 
     # -- augmentation -----------------------------------------------------------------------
-    def _augment_table(self):
-        """One DSA op and parameter set per (probe, class), drawn from (seed, k, c)."""
-        K, C, ops = self.spec.probes, self.spec.num_classes, self.spec.augment
-        op_index = torch.empty(K, C, dtype=torch.long)
-        params: dict[str, dict[str, torch.Tensor]] = {}
-        for k in range(K):
-            for c in range(C):
-                g = torch.Generator().manual_seed(derive_seed(self.spec.seed, "aug", k, c))
-                op, p = augment.sample_siamese(ops, g, size=self.spec.resolution)
-                op_index[k, c] = ops.index(op)
-                table = params.setdefault(op, {})
-                for name, value in p.items():
-                    if name not in table:
-                        table[name] = torch.zeros((K, C, *value.shape[1:]), dtype=value.dtype)
-                    table[name][k, c] = value[0]
-        return op_index, params
-
     def augment(self, k: int, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Apply probe k's per-class Siamese transform: x [n, C, H, W], labels [n] (class ids)."""
-        labels_cpu = labels.cpu()
-        ops = self._aug_ops[k, labels_cpu]
-        out = torch.zeros_like(x)
-        for i, op in enumerate(self.spec.augment):
-            sel = (ops == i).nonzero().squeeze(1)
-            if len(sel) == 0:
-                continue
-            params = {name: t[k, labels_cpu[sel]] for name, t in self._aug_params[op].items()}
-            sel = sel.to(x.device)
-            out = out.index_copy(0, sel, augment.apply(x[sel], op, params))
-        return out
+        return self._siamese.apply(x, k * self.spec.num_classes + labels.cpu())
 
     # -- random Fourier features ------------------------------------------------------------
     def rff_basis(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,33 +141,92 @@ class ProbeBank:
 
     def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 [n, H, W, C] -> float [n, C, H, W] in the bank's normalised space."""
-        x = images_uint8.to(self.device).permute(0, 3, 1, 2).float() / 255.0
-        mean = torch.tensor(self.spec.mean, device=self.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.spec.std, device=self.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        return normalise(
+            images_uint8.to(self.device).permute(0, 3, 1, 2), self.spec.mean, self.spec.std
+        )
+
+
+class SiameseTable:
+    """One DSA op and its parameters per row, row i drawn from its own seed `seeds[i]`, applied
+    to every image that names row i: the same transform for real and synthetic images of a class
+    whenever they name the same row (a probe's class, or the online reference's class at a step).
+    """
+
+    def __init__(self, ops: tuple[str, ...], seeds: list[int], size: int):
+        self.ops = ops
+        self.op_index = torch.empty(len(seeds), dtype=torch.long)
+        self.params: dict[str, dict[str, torch.Tensor]] = {}  # op -> name -> [rows, ...]
+        for row, seed in enumerate(seeds):
+            op, p = augment.sample_siamese(ops, torch.Generator().manual_seed(seed), size=size)
+            self.op_index[row] = ops.index(op)
+            table = self.params.setdefault(op, {})
+            for name, value in p.items():
+                if name not in table:
+                    table[name] = torch.zeros((len(seeds), *value.shape[1:]), dtype=value.dtype)
+                table[name][row] = value[0]
+
+    def apply(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """x [n, C, H, W], rows [n] (CPU) -> each image under its row's transform."""
+        ops = self.op_index[rows]
+        out = torch.zeros_like(x)
+        for i, op in enumerate(self.ops):
+            sel = (ops == i).nonzero().squeeze(1)
+            if len(sel) == 0:
+                continue
+            params = {name: t[rows[sel]] for name, t in self.params[op].items()}
+            sel = sel.to(x.device)
+            out = out.index_copy(0, sel, augment.apply(x[sel], op, params))
+        return out
+
+
+def mean_sqdist_from_sums(
+    n: torch.Tensor, total: torch.Tensor, sqnorm_total: torch.Tensor
+) -> torch.Tensor:
+    """Mean off-diagonal squared distance of n points from their sum [..., D] and the sum of
+    their squared norms [...]: sum_(i != j) ||u_i - u_j||^2 = 2 n sum ||u||^2 - 2 ||sum u||^2.
+    The one bandwidth formula: the pilot, the exact bandwidth of the statistics and the online
+    M3D loss all use it. Fewer than 2 points give 0 / 1 = 0."""
+    pairs = torch.as_tensor(n * (n - 1), dtype=total.dtype, device=total.device).clamp(min=1)
+    squared_total = torch.linalg.vector_norm(total, dim=-1).square()  # no [..., D] temporary
+    return (2 * n * sqnorm_total - 2 * squared_total) / pairs
 
 
 def mean_pairwise_sqdist(emb: torch.Tensor) -> torch.Tensor:
     """Mean off-diagonal squared distance of the rows of each [n, D] slice of emb [..., n, D]."""
-    n = emb.shape[-2]
-    s1 = emb.sum(-2)
-    s2 = (emb * emb).sum((-2, -1))
-    return (2 * n * s2 - 2 * (s1 * s1).sum(-1)) / (n * (n - 1))
+    return mean_sqdist_from_sums(emb.shape[-2], emb.sum(-2), (emb * emb).sum((-2, -1)))
 
 
-def pilot_bandwidths(bank: ProbeBank, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+PILOT_CHUNK = 512  # pilot images per forward: bounded memory whatever the class count
+
+
+def pilot_bandwidths(
+    bank: ProbeBank, images: torch.Tensor, labels: torch.Tensor, chunk: int = PILOT_CHUNK
+) -> torch.Tensor:
     """M3D bandwidth h[k, c]: mean pairwise squared distance of class c's pilot embeddings under
-    probe k (its network and its Siamese augmentation). images uint8 [n, H, W, C], labels [n]."""
+    probe k (its network and its Siamese augmentation). images uint8 [n, H, W, C], labels [n].
+
+    Chunks of `chunk` images are normalised and embedded without keeping activations; per class,
+    only float64 sums (count, sum, sum of squared norms) are kept, so memory is bounded by the
+    chunk and the classes x D sums, and the result equals one batch's up to float32 batching."""
     K, C = bank.spec.probes, bank.spec.num_classes
-    x = bank.normalize(images)
-    labels = labels.to(bank.device)
+    counts = torch.bincount(labels.cpu(), minlength=C)
+    few = [c for c in labels.unique().tolist() if counts[c] < 2]
+    if few:
+        raise UserError(f"class {few[0]} has fewer than 2 images for the M3D bandwidth pilot")
+    present = counts > 0
     h = torch.zeros(K, C, dtype=torch.float64)
+    f64 = dict(dtype=torch.float64, device=bank.device)
     for k in range(K):
-        with torch.no_grad():
-            emb = bank.network(k).embed(bank.augment(k, x, labels)).double()
-        for c in labels.unique().tolist():
-            rows = emb[labels == c]
-            if len(rows) < 2:
-                raise UserError(f"class {c} has fewer than 2 images for the M3D bandwidth pilot")
-            h[k, c] = mean_pairwise_sqdist(rows).cpu()
+        total = torch.zeros(C, bank.embed_dim, **f64)
+        sqnorm = torch.zeros(C, **f64)
+        for i in range(0, len(images), chunk):
+            lab = labels[i : i + chunk].cpu()
+            with torch.no_grad():
+                x = bank.augment(k, bank.normalize(images[i : i + chunk]), lab)
+                emb = bank.network(k).embed(x).double()
+            lab = lab.to(bank.device)
+            total.index_add_(0, lab, emb)
+            sqnorm.index_add_(0, lab, (emb * emb).sum(1))
+        n = counts.to(bank.device, torch.float64)
+        h[k] = torch.where(present, mean_sqdist_from_sums(n, total, sqnorm).cpu(), 0.0)
     return h

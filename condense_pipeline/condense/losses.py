@@ -1,6 +1,8 @@
 """Matching losses, summed over the classes of a group.
 
-Synthetic features arrive grouped by class: [G, n, ...] (G classes, n images each). Real targets
+Synthetic features arrive grouped by class: [G, n, ...] (G classes, n images each): the embeddings
+and, for DataDAM, the normalised attention maps, never the block activations, so that the loop can
+compute them in chunks and backpropagate the loss's feature gradients chunk by chunk. Real targets
 are class means computed from the statistics (mu = sum / count) or, in the online reference mode,
 from a fresh real batch.
 """
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from condense_pipeline.condense.bank import BANDWIDTH_MULTIPLIERS
+from condense_pipeline.condense.bank import BANDWIDTH_MULTIPLIERS, mean_pairwise_sqdist
 
 
 def dm_loss(syn_emb: torch.Tensor, real_mean: torch.Tensor) -> torch.Tensor:
@@ -45,9 +47,8 @@ def m3d_exact_loss(syn_emb: torch.Tensor, real_emb: torch.Tensor) -> torch.Tenso
     """M3D as its code computes it: biased MMD^2 with the 5-Gaussian kernel and, per class, the
     bandwidth h = mean off-diagonal squared distance of the pooled [Y; R] (no gradient through h).
     syn_emb [G, n, D], real_emb [G, p, D] -> scalar."""
-    pooled = torch.cat([syn_emb, real_emb], 1).detach()
-    m = pooled.shape[1]
-    h = torch.cdist(pooled, pooled).pow(2).sum((1, 2)) / (m * m - m)
+    pooled = torch.cat([syn_emb, real_emb], 1).detach().double()
+    h = mean_pairwise_sqdist(pooled).to(syn_emb.dtype)
     xx = gaussian_kernel(syn_emb, syn_emb, h).mean((1, 2))
     xy = gaussian_kernel(syn_emb, real_emb, h).mean((1, 2))
     yy = gaussian_kernel(real_emb, real_emb, h).mean((1, 2))

@@ -67,8 +67,10 @@ class ConvNet(nn.Module):
         return x.flatten(1), acts
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Embedding [n, D] of images [n, C, H, W]."""
-        return self.activations(x)[0]
+        """Embedding [n, D] of images [n, C, H, W]; no block's activation outlives its block."""
+        for block in self.blocks:
+            x = F.avg_pool2d(block(x), 2)
+        return x.flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.classifier is None:
@@ -81,14 +83,20 @@ def attention_map(activation: torch.Tensor, power: float) -> torch.Tensor:
     return F.normalize(activation.abs().pow(power).sum(1).flatten(1), dim=1)
 
 
-def attention_dims(resolution: int, depth: int | None = None) -> list[int]:
-    """Sizes of the attention vectors DataDAM matches: every block but the last."""
+def block_sizes(resolution: int, depth: int | None = None) -> list[int]:
+    """Side of each block's activation map (before its pool)."""
     depth = depth or DEPTH_BY_RESOLUTION[resolution]
     size = resolution + 2 * (_first_padding(resolution) - 1)
-    return [(size // 2**i) ** 2 for i in range(depth - 1)]
+    return [size // 2**i for i in range(depth)]
 
 
-ModelFactory = Callable[[int, int, int], nn.Module]  # (channels, resolution, num_classes)
+def attention_dims(resolution: int, depth: int | None = None) -> list[int]:
+    """Sizes of the attention vectors DataDAM matches: every block but the last."""
+    return [s * s for s in block_sizes(resolution, depth)[:-1]]
+
+
+# (channels, resolution, num_classes); num_classes None: the embedding network alone (probes)
+ModelFactory = Callable[[int, int, int | None], nn.Module]
 MODELS: dict[str, ModelFactory] = {
     "convnet": lambda channels, resolution, num_classes: ConvNet(channels, resolution, num_classes),
 }
@@ -101,6 +109,16 @@ def build_model(name: str, channels: int, resolution: int, num_classes: int) -> 
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     return MODELS[name](channels, resolution, num_classes)
+
+
+def seeded_model(
+    name: str, seed: int, channels: int, resolution: int, num_classes: int | None = None
+) -> nn.Module:
+    """build_model with PyTorch's default init drawn on the CPU from `seed`, so that every process
+    on every machine builds the same weights; the caller's global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(name, channels, resolution, num_classes)
 
 
 # Other architectures, for evaluating a condensed set across architectures: the small-image

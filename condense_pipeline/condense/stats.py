@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from condense_pipeline import rejects, storage
-from condense_pipeline.condense.bank import ProbeBank
+from condense_pipeline.condense.bank import ProbeBank, mean_sqdist_from_sums
 from condense_pipeline.condense.networks import attention_dims, attention_map
 from condense_pipeline.condense.sampling import (
     EMPTY_HASH,
@@ -123,9 +123,7 @@ class ClassStats:
 
     def exact_bandwidth(self) -> torch.Tensor:
         """Mean pairwise squared distance per (probe, class) from the sums: [K, C]."""
-        n = self.count
-        s1 = torch.linalg.vector_norm(self.emb_sum, dim=-1).square()  # no [K, C, D] temporary
-        return (2 * n * self.sqnorm_sum - 2 * s1) / (n * (n - 1)).clamp(min=1)
+        return mean_sqdist_from_sums(self.count, self.emb_sum, self.sqnorm_sum)
 
     # -- storage ----------------------------------------------------------------------------
     def to_bytes(self) -> bytes:

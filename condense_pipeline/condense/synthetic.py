@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from condense_pipeline.errors import UserError
+from condense_pipeline.config import init_images
 
 INITS = ("real", "noise", "mix")
 
@@ -25,11 +25,6 @@ def decode_factor(x: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(patches, size=(h, w), mode="bilinear", align_corners=False)
 
 
-def needed_pool(ipc: int, factor: int, init: str) -> int:
-    """Real images per class the initialisation takes from the init pool."""
-    return {"real": ipc, "mix": ipc * factor * factor, "noise": 0}[init]
-
-
 def initial_images(
     pools: list[torch.Tensor],
     classes: list[int],
@@ -44,13 +39,7 @@ def initial_images(
     pools[i]: uint8 [P, H, W, ch] real images of classes[i], smallest key hash first;
     normalize: uint8 [n, H, W, ch] -> float [n, C, H, W].
     """
-    need = needed_pool(ipc, factor, init)
-    for c, pool in zip(classes, pools):
-        if len(pool) < need:
-            raise UserError(
-                f"class {c} has {len(pool)} initial images but --init {init} at IPC {ipc} "
-                f"(factor {factor}) needs {need}: rerun stats with --init-pool {need} or more"
-            )
+    need = init_images(ipc, factor, init)  # config.check_pool has made sure each pool has it
     out = []
     for pool in pools:
         if init == "noise":

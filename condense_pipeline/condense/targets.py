@@ -3,6 +3,10 @@
 BankTargets reads the probe bank's statistics (the default). OnlineTargets does what the papers
 do: a fresh seeded network and a fresh real batch per class, with the papers' exact losses (M3D:
 the exact kernel with its pooled bandwidth). Comparing the two measures what the bank costs.
+
+Each method is one entry of METHODS: the per-image features its loss needs, and its loss against
+the bank and against a real batch. The loss takes features, not activations, so the loop can
+compute the features in chunks (condense/loop.py).
 """
 
 from __future__ import annotations
@@ -12,25 +16,36 @@ from dataclasses import dataclass
 
 import torch
 
-from condense_pipeline.condense import augment, losses
-from condense_pipeline.condense.bank import ProbeBank
-from condense_pipeline.condense.networks import ConvNet, attention_map
+from condense_pipeline.condense import losses
+from condense_pipeline.condense.bank import ProbeBank, SiameseTable
+from condense_pipeline.condense.networks import ConvNet, attention_map, seeded_model
 from condense_pipeline.condense.sampling import derive_seed
 from condense_pipeline.condense.stats import ClassStats
 from condense_pipeline.config import CondenseConfig
 
+Features = list[torch.Tensor]  # per image: [m, D] embedding first, then any attention [m, A_l]
 
-@dataclass
+
+def embedding(net: ConvNet, x: torch.Tensor, power: float) -> Features:
+    return [net.embed(x)]
+
+
+def embedding_and_attention(net: ConvNet, x: torch.Tensor, power: float) -> Features:
+    """The embedding and DataDAM's normalised attention of every block but the last."""
+    emb, acts = net.activations(x)
+    return [emb, *(attention_map(a, power) for a in acts[:-1])]
+
+
+@dataclass(frozen=True)
 class StepTargets:
-    """What one step matches against: a network, the Siamese augmentation, and the loss.
+    """What one step matches against.
 
-    augment(x [m, C, H, W], group_labels [m]) -> x'; loss(emb [G, n, D], acts) -> scalar, where
-    acts[l] is [G, n, 128, H_l, W_l] for every block.
+    features(x [m, C, H, W] in normalised space, group_labels [m]) -> Features, the Siamese
+    augmentation and the network applied; loss(features grouped [G, n, ...]) -> scalar.
     """
 
-    net: ConvNet
-    augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    loss: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]
+    features: Callable[[torch.Tensor, torch.Tensor], Features]
+    loss: Callable[[Features], torch.Tensor]
 
 
 def probe_order(probes: int, seed: int) -> list[int]:
@@ -44,11 +59,58 @@ def scheduled_probe(order: list[int], step: int, iters_per_probe: int) -> int:
     return order[(step // iters_per_probe) % len(order)]
 
 
-def _attention(acts: list[torch.Tensor], power: float) -> list[torch.Tensor]:
-    """Normalised attention of every block but the last: [G, n, A_l] each."""
-    return [attention_map(a.flatten(0, 1), power).view(*a.shape[:2], -1) for a in acts[:-1]]
+# -- the methods -------------------------------------------------------------------------------
+# bank losses: (features [G, n, ...], BankTargets, probe k); online: (features, real [G, b, ...])
 
 
+def _dm_bank(f: Features, t: BankTargets, k: int) -> torch.Tensor:
+    return losses.dm_loss(f[0], t.mean(t.stats.emb_sum, k))
+
+
+def _m3d_bank(f: Features, t: BankTargets, k: int) -> torch.Tensor:
+    emb = f[0]
+    G, m, D = emb.shape
+    h = t.h[k].to(emb.device)
+    phi = t.bank.rff(k, emb.reshape(G * m, D), h.repeat_interleave(m).float())
+    mu_phi = t.mean(t.stats.rff_sum, k).float()
+    return losses.m3d_rff_loss(emb, phi.view(G, m, -1), mu_phi, h.float())
+
+
+def _datadam_bank(f: Features, t: BankTargets, k: int) -> torch.Tensor:
+    att = [t.mean(a, k) for a in t.stats.att_sum]
+    w = t.cfg.attention_weight, t.cfg.embedding_weight
+    return losses.datadam_loss(f[1:], f[0], att, t.mean(t.stats.emb_sum, k), *w)
+
+
+def _dm_online(f: Features, real: Features, cfg: CondenseConfig) -> torch.Tensor:
+    return losses.dm_loss(f[0], real[0].mean(1))
+
+
+def _m3d_online(f: Features, real: Features, cfg: CondenseConfig) -> torch.Tensor:
+    return losses.m3d_exact_loss(f[0], real[0])
+
+
+def _datadam_online(f: Features, real: Features, cfg: CondenseConfig) -> torch.Tensor:
+    att = [a.mean(1) for a in real[1:]]
+    w = cfg.attention_weight, cfg.embedding_weight
+    return losses.datadam_loss(f[1:], f[0], att, real[0].mean(1), *w)
+
+
+@dataclass(frozen=True)
+class Method:
+    features: Callable[[ConvNet, torch.Tensor, float], Features]
+    bank_loss: Callable[[Features, BankTargets, int], torch.Tensor]
+    online_loss: Callable[[Features, Features, CondenseConfig], torch.Tensor]
+
+
+METHODS = {
+    "dm": Method(embedding, _dm_bank, _dm_online),
+    "m3d": Method(embedding, _m3d_bank, _m3d_online),
+    "datadam": Method(embedding_and_attention, _datadam_bank, _datadam_online),
+}
+
+
+# -- the providers -----------------------------------------------------------------------------
 class BankTargets:
     """Targets from the probe bank's statistics. The probe schedule is a seeded permutation of
     the bank, cycled, each probe used for `iters_per_probe` consecutive steps."""
@@ -61,7 +123,7 @@ class BankTargets:
         bandwidths: torch.Tensor | None,
         cfg: CondenseConfig,
     ):
-        self.bank, self.cfg = bank, cfg
+        self.bank, self.cfg, self.method = bank, cfg, METHODS[cfg.method]
         self.classes = torch.tensor(classes)
         self.stats = stats  # already restricted to `classes`
         self.h = None if bandwidths is None else bandwidths[:, self.classes]
@@ -70,98 +132,64 @@ class BankTargets:
     def probe(self, step: int) -> int:
         return scheduled_probe(self.order, step, self.cfg.iters_per_probe)
 
+    def mean(self, sums: torch.Tensor, k: int) -> torch.Tensor:
+        """Class means [G, ...] of probe k's sums [K, G, ...]."""
+        n = self.stats.count[k].to(self.bank.device).clamp(min=1)
+        return sums[k].to(self.bank.device) / n.view(-1, *[1] * (sums.dim() - 2))
+
     def at(self, step: int) -> StepTargets:
-        k, s, bank, cfg = self.probe(step), self.stats, self.bank, self.cfg
-        dev = bank.device
-        n = s.count[k].to(dev).clamp(min=1)[:, None]
+        k, bank = self.probe(step), self.bank
+        net, power = bank.network(k), bank.spec.attention_power
 
-        def aug(x, group_labels):
-            return bank.augment(k, x, self.classes[group_labels.cpu()])
-
-        def loss(emb, acts):
-            if cfg.method == "dm":
-                return losses.dm_loss(emb, s.emb_sum[k].to(dev) / n)
-            if cfg.method == "m3d":
-                G, m, D = emb.shape
-                h = self.h[k].to(dev)
-                phi = bank.rff(k, emb.reshape(G * m, D), h.repeat_interleave(m).float())
-                mu_phi = s.rff_sum[k].to(dev) / n
-                return losses.m3d_rff_loss(emb, phi.view(G, m, -1), mu_phi.float(), h.float())
-            att = _attention(acts, bank.spec.attention_power)
-            mu_att = [a[k].to(dev) / n for a in s.att_sum]
-            return losses.datadam_loss(
-                att,
-                emb,
-                mu_att,
-                s.emb_sum[k].to(dev) / n,
-                cfg.attention_weight,
-                cfg.embedding_weight,
+        def features(x, group_labels):
+            return self.method.features(
+                net, bank.augment(k, x, self.classes[group_labels.cpu()]), power
             )
 
-        return StepTargets(bank.network(k), aug, lambda e, a: loss(e, a).float())
+        return StepTargets(features, lambda f: self.method.bank_loss(f, self, k).float())
 
 
 class OnlineTargets:
     """The papers' way: a fresh network (M3D: renewed every `iters_per_probe` steps) and a fresh
     real batch of `batch_real` images per class at every step, Siamese-augmented like the
-    synthetic images. For datasets that fit in memory."""
+    synthetic images. Everything a class gets is seeded by its class id, so the images do not
+    depend on how classes are grouped. For datasets that fit in memory."""
 
     def __init__(
         self,
         real: list[torch.Tensor],
+        classes: list[int],
         bank: ProbeBank,
         cfg: CondenseConfig,
+        smallest_class: int,
     ):
         self.real = real  # per group class: uint8 [n_c, H, W, ch]
+        self.classes = list(classes)
         self.bank, self.cfg = bank, cfg  # the bank gives the profile's network shape and norm
-        # the same batch size for every class, so the class batches stack into [G, b, D]
-        self.batch = min(cfg.batch_real, *(len(r) for r in real))
+        self.method = METHODS[cfg.method]
+        # one batch size for every class of the dataset (smallest_class: its smallest class's
+        # images), so the class batches stack into [G, b, D] and do not depend on the grouping
+        self.batch = min(cfg.batch_real, smallest_class)
 
     def at(self, step: int) -> StepTargets:
-        spec, cfg, dev = self.bank.spec, self.cfg, self.bank.device
+        spec, cfg, method = self.bank.spec, self.cfg, self.method
         renew = cfg.iters_per_probe if cfg.method == "m3d" else 1
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(cfg.seed, "online-net", step // renew))
-            net = ConvNet(spec.channels, spec.resolution, depth=spec.depth)
-        net = net.requires_grad_(False).to(dev)
-        transforms = []
-        for c in range(len(self.real)):
-            g = torch.Generator().manual_seed(derive_seed(cfg.seed, "online-aug", step, c))
-            transforms.append(augment.sample_siamese(spec.augment, g, size=spec.resolution))
+        seed = derive_seed(cfg.seed, "online-net", step // renew)
+        net = seeded_model(spec.network, seed, spec.channels, spec.resolution)
+        net = net.requires_grad_(False).to(self.bank.device)
+        seeds = [derive_seed(cfg.seed, "online-aug", step, c) for c in self.classes]
+        siamese = SiameseTable(spec.augment, seeds, spec.resolution)
 
-        def aug(x, group_labels):
-            out = torch.zeros_like(x)
-            for c, (op, params) in enumerate(transforms):
-                sel = (group_labels == c).nonzero().squeeze(1).to(x.device)
-                if len(sel) == 0:
-                    continue
-                out = out.index_copy(0, sel, augment.apply(x[sel], op, params))
-            return out
+        def features(x, group_labels):
+            return method.features(net, siamese.apply(x, group_labels.cpu()), spec.attention_power)
 
-        feats = []
-        for c, images in enumerate(self.real):
+        per_class = []
+        for i, (c, images) in enumerate(zip(self.classes, self.real)):
             g = torch.Generator().manual_seed(derive_seed(cfg.seed, "online-batch", step, c))
             pick = torch.randperm(len(images), generator=g)[: self.batch]
-            x = self.bank.normalize(images[pick])
             with torch.no_grad():
-                feats.append(net.activations(aug(x, torch.full((len(x),), c))))
-        real_emb = torch.stack([f[0] for f in feats])
-        real_acts = [torch.stack([f[1][i] for f in feats]) for i in range(len(feats[0][1]))]
-
-        def loss(emb, acts):
-            if cfg.method == "dm":
-                return losses.dm_loss(emb, real_emb.mean(1))
-            if cfg.method == "m3d":
-                return losses.m3d_exact_loss(emb, real_emb)
-            p = spec.attention_power
-            real_att = [a.mean(1) for a in _attention(real_acts, p)]
-            return losses.datadam_loss(
-                _attention(acts, p),
-                emb,
-                real_att,
-                real_emb.mean(1),
-                cfg.attention_weight,
-                cfg.embedding_weight,
-            )
-
-        return StepTargets(net, aug, loss)
+                per_class.append(
+                    features(self.bank.normalize(images[pick]), torch.full((len(pick),), i))
+                )
+        real = [torch.stack(f) for f in zip(*per_class)]
+        return StepTargets(features, lambda f: method.online_loss(f, real, cfg))

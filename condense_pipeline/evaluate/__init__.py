@@ -9,7 +9,7 @@ from condense_pipeline.evaluate.loader import (
 from condense_pipeline.evaluate.protocol import (
     EvalConfig,
     evaluate_condensed,
-    random_real_subset,
+    random_real_subsets,
     train_and_test,
 )
 
@@ -20,6 +20,6 @@ __all__ = [
     "evaluate_condensed",
     "load_condensed",
     "load_condensed_ray",
-    "random_real_subset",
+    "random_real_subsets",
     "train_and_test",
 ]

@@ -31,16 +31,10 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from condense_pipeline import formats, storage
 from condense_pipeline.condense.augment import augment_batch
 from condense_pipeline.errors import UserError
+from condense_pipeline.pixels import normalise
 
 if TYPE_CHECKING:
     import ray.data
-
-
-def normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 pixels [n, C, H, W] -> float32 [n, C, H, W] normalised: (x / 255 - mean) / std."""
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (pixels.float() / 255.0 - mean_t) / std_t
 
 
 def decode_png(data: bytes, channels: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ from torch import nn
 
 from condense_pipeline import formats, storage
 from condense_pipeline.condense.augment import augment_batch
-from condense_pipeline.condense.networks import MODELS, build_model
+from condense_pipeline.condense.networks import MODELS, seeded_model
 from condense_pipeline.datasets import Profile
 from condense_pipeline.errors import UserError
 from condense_pipeline.evaluate.loader import load_condensed
@@ -167,10 +167,7 @@ def trained_model(
     _check_images(train_x, profile, "training")
     _check_images(test_x, profile, "test")
     device = _device(cfg)
-    # The weights come from the global RNG; a forked RNG seeds them without disturbing the caller.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(run_seed)
-        model = build_model(cfg.model, profile.channels, profile.resolution, num_classes)
+    model = seeded_model(cfg.model, run_seed, profile.channels, profile.resolution, num_classes)
     model.to(device)
     # DSA and shuffling draw on the CPU from their own generator, so a seed means the same run
     # on any device.
@@ -196,23 +193,34 @@ def train_and_test(
     return test_accuracy(model, test_x.float(), test_y.long())
 
 
-def random_real_subset(
-    images: torch.Tensor, labels: torch.Tensor, ipc: int, num_classes: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`ipc` whole real images of every class, drawn without replacement; ordered by class."""
-    generator = torch.Generator().manual_seed(seed)
+def random_real_subsets(
+    labels: torch.Tensor, ipc: int, seeds: list[int], num_classes: int
+) -> list[torch.Tensor]:
+    """Disjoint random-real subsets, one per seed: indices into `labels`, ordered by class.
+
+    Subset r takes `ipc` indices of every class, drawn without replacement, with a generator
+    seeded by seeds[r], from what the subsets before it left: so each is a uniform random
+    subset of the images given, and no two runs train on the same image.
+    """
     labels_cpu = labels.cpu()
-    picks = []
-    for c in range(num_classes):
-        idx = (labels_cpu == c).nonzero().flatten()
-        if len(idx) < ipc:
-            raise UserError(
-                f"class {c} has {len(idx)} training images, fewer than the {ipc} per class the "
-                "random-real baseline needs; lower --ipc"
-            )
-        picks.append(idx[torch.randperm(len(idx), generator=generator)[:ipc]])
-    chosen = torch.cat(picks).to(labels.device)
-    return images[chosen], labels[chosen]
+    left = [(labels_cpu == c).nonzero().flatten() for c in range(num_classes)]
+    short = [c for c in range(num_classes) if len(left[c]) < ipc * len(seeds)]
+    if short:
+        c = short[0]
+        raise UserError(
+            f"class {c} has {len(left[c])} images for the random-real baseline, fewer than "
+            f"{len(seeds)} runs x IPC {ipc}; lower --runs or --ipc"
+        )
+    subsets = []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        picks = []
+        for c in range(num_classes):
+            order = torch.randperm(len(left[c]), generator=generator)
+            picks.append(left[c][order[:ipc]])
+            left[c] = left[c][order[ipc:]]
+        subsets.append(torch.cat(picks))
+    return subsets
 
 
 def _summary(accuracies: list[float]) -> dict:
@@ -249,13 +257,12 @@ def _timed_run(x, y, test_x, test_y, profile, num_classes, cfg, seed):
     return accuracy, per_class, time.perf_counter() - started
 
 
-def _train_runs(jobs, sets, test_x, test_y, profile, num_classes, cfg, progress) -> dict:
-    """(accuracy, per-class accuracy) per (set name, seed). Where Ray is running, every run is a
+def _train_runs(jobs, sets, test_x, test_y, profile, num_classes, cfg, progress, use_ray) -> dict:
+    """(accuracy, per-class accuracy) per job (set name, seed); sets[job] is its (x, y). With
+    `use_ray` every run is a
     Ray task (one GPU each where there are GPUs), so runs go in parallel as far as the cluster
-    allows; otherwise they run one after another here."""
-    import sys
-
-    ray = sys.modules.get("ray")
+    allows, and each tensor is put in the object store once and passed by reference; otherwise
+    they run one after another here."""
     accuracy = {}
 
     def record(job, result):
@@ -265,21 +272,29 @@ def _train_runs(jobs, sets, test_x, test_y, profile, num_classes, cfg, progress)
         if progress is not None:
             progress(line)
 
-    if ray is None or not ray.is_initialized() or len(jobs) < 2:
-        for name, seed in jobs:
-            x, y = sets[name](seed)
-            record((name, seed), _timed_run(x, y, test_x, test_y, profile, num_classes, cfg, seed))
+    if not use_ray or len(jobs) < 2:
+        for job in jobs:
+            x, y = sets[job]
+            record(job, _timed_run(x, y, test_x, test_y, profile, num_classes, cfg, job[1]))
         return accuracy
+    import ray
+
     gpus = ray.cluster_resources().get("GPU", 0)
     task = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_retries=2)(_timed_run)
-    test_refs = ray.put(test_x), ray.put(test_y)
+    refs: dict[int, ray.ObjectRef] = {}  # by tensor identity: the condensed set is put once
+
+    def ref(t: torch.Tensor):
+        if id(t) not in refs:
+            refs[id(t)] = ray.put(t)
+        return refs[id(t)]
+
     pending = {
-        task.remote(*sets[name](seed), *test_refs, profile, num_classes, cfg, seed): (name, seed)
-        for name, seed in jobs
+        task.remote(*map(ref, (*sets[job], test_x, test_y)), profile, num_classes, cfg, job[1]): job
+        for job in jobs
     }
     while pending:
-        (ref,), _ = ray.wait(list(pending), num_returns=1)
-        record(pending.pop(ref), ray.get(ref))
+        (done,), _ = ray.wait(list(pending), num_returns=1)
+        record(pending.pop(done), ray.get(done))
     return accuracy
 
 
@@ -295,35 +310,47 @@ def evaluate_condensed(
     cfg: EvalConfig,
     progress: Callable[[str], None] | None = None,
     report_dir: str | None = None,
+    *,
+    use_ray: bool = False,
+    train_keys: list[str] | None = None,
+    inputs: dict | None = None,
 ) -> dict:
     """The protocol on the exported set and on random real subsets; returns the report.
 
     The condensed set is read back from the exported PNGs with `load_condensed`, as a downstream
-    job would read it. Random-real run r uses its own subset (seed cfg.seed + r); pass
-    train_x=None to skip the baseline. With `report_dir` the report is written there as
-    report.json, followed by the completion marker.
+    job would read it. Run r (seed cfg.seed + r) of the baseline trains on its own random subset
+    of (train_x, train_y), drawn with that seed and disjoint from the other runs' (see
+    random_real_subsets), so the baseline's spread includes the subsets'; pass train_x=None to
+    skip the baseline. `train_keys` (the keys of train_x) name each run's images in
+    baseline.json beside the report; `inputs` (what the report was computed from) goes into
+    the report. With `report_dir` the report is written there as report.json, followed by the
+    completion marker. `use_ray`: train the runs as Ray tasks.
     """
     started = time.perf_counter()
     condensed = load_condensed(export_dir)
     _check_manifest(condensed.manifest, profile, export_dir)
     syn_x, syn_y = condensed.tensors()
+    seeds = [cfg.seed + r for r in range(cfg.runs)]
 
-    sets = {"condensed": lambda seed: (syn_x, syn_y)}
+    sets = {("condensed", seed): (syn_x, syn_y) for seed in seeds}
+    subsets = []
     if train_x is not None and train_y is not None:
-        sets["random real"] = lambda seed: random_real_subset(
-            train_x, train_y, ipc, num_classes, seed
-        )
-    jobs = [(name, cfg.seed + r) for name in sets for r in range(cfg.runs)]
-    accuracy = _train_runs(jobs, sets, test_x, test_y, profile, num_classes, cfg, progress)
+        subsets = random_real_subsets(train_y, ipc, seeds, num_classes)
+        for seed, idx in zip(seeds, subsets):
+            sets[("random real", seed)] = (train_x[idx], train_y[idx])
+    accuracy = _train_runs(
+        list(sets), sets, test_x, test_y, profile, num_classes, cfg, progress, use_ray
+    )
 
     def summary(name: str) -> dict | None:
-        runs = [accuracy[job] for job in jobs if job[0] == name]
+        runs = [accuracy[job] for job in sets if job[0] == name]
         if not runs:
             return None
         # per class: the mean over runs
         return {
             **_summary([r[0] for r in runs]),
             "per_class": np.mean([r[1] for r in runs], 0).tolist(),
+            "seeds": seeds,
         }
 
     report = {
@@ -341,7 +368,10 @@ def evaluate_condensed(
         ),
         "recipe": recipe(cfg, profile.augment),
         "config": dataclasses.asdict(cfg),
+        "inputs": inputs or {},
     }
+    if report["random_real"] is not None:
+        report["random_real"]["drawn_from"] = len(train_y)  # real images, all classes
     report["seconds"] = time.perf_counter() - started
     log.info(
         "condensed %.2f ± %.2f%% over %d runs (%d epochs)",
@@ -351,6 +381,10 @@ def evaluate_condensed(
         cfg.epochs,
     )
     if report_dir is not None:
+        storage.delete(storage.join(report_dir, storage.DONE))
+        if subsets and train_keys is not None:
+            chosen = {str(seed): [train_keys[i] for i in idx] for seed, idx in zip(seeds, subsets)}
+            storage.write_json(storage.join(report_dir, formats.BASELINE_JSON), chosen)
         storage.write_json(storage.join(report_dir, formats.REPORT_JSON), report)
         storage.mark_done(report_dir)
     return report

@@ -7,6 +7,12 @@ reports it; a rerun of the stage skips finished groups. Each task writes a heart
 when it starts, once its targets are built and every few seconds while stepping; the stage fails
 when no group has sent one for `stall_timeout_s`.
 Instance norm makes every sample independent, so the grouping does not change the images.
+
+Scheduling: at most one group task per GPU at a time (the default is one group per GPU; more
+groups queue), each putting its images through the network in chunks sized from its GPU's free
+memory, so any group fits on any GPU. Without GPUs, the groups that run at once share a node's
+CPUs (one group per node by default, using all of its CPUs) and size their chunks from their
+share of the node's available memory.
 """
 
 from __future__ import annotations
@@ -18,22 +24,22 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from condense_pipeline import storage
 from condense_pipeline.condense.bank import NEEDS, BankSpec, ProbeBank
+from condense_pipeline.condense.device import chunk_size, image_bytes
 from condense_pipeline.condense.loop import LoopState, condense_loop
 from condense_pipeline.condense.sampling import derive_seed
-from condense_pipeline.condense.synthetic import decode_factor, initial_images, needed_pool
+from condense_pipeline.condense.synthetic import decode_factor, initial_images
 from condense_pipeline.condense.targets import BankTargets, OnlineTargets
-from condense_pipeline.config import CondenseConfig
+from condense_pipeline.config import CondenseConfig, check_pool
 from condense_pipeline.errors import UserError
-from condense_pipeline.formats import BANK_JSON, CONDENSE_DIR, ERROR, IMAGE, LABEL
-from condense_pipeline.pipeline import read
-from condense_pipeline.pipeline.cluster import ensure_ray, plan_workers, ray_failure
+from condense_pipeline.formats import BANK_JSON, CONDENSE_DIR
+from condense_pipeline.pipeline import lineage, read
+from condense_pipeline.pipeline.cluster import ensure_ray, ray_failure
 from condense_pipeline.pipeline.stats import load_bandwidths, load_stats, stats_dir
 
 log = logging.getLogger(__name__)
@@ -69,16 +75,37 @@ def check_stats_serve(bank_json: dict, cfg: CondenseConfig, summary: dict) -> No
             f"{cfg.method} needs ({', '.join(missing)}); rerun stats with --method {cfg.method} "
             "or --method all"
         )
-    need = needed_pool(cfg.ipc, cfg.factor, cfg.init)
-    pool = bank_json["init_pool"]
-    classes = cfg.classes or range(spec.num_classes)
-    for c in classes:
-        have = min(pool, summary["class_images"][c])
-        if have < need:
-            raise UserError(
-                f"class {c} has {have} initial images but --init {cfg.init} at IPC {cfg.ipc} "
-                f"(factor {cfg.factor}) needs {need}: rerun stats with --init-pool {need} or more"
-            )
+    check_pool(lineage.pool_sizes(bank_json, summary), cfg)
+
+
+@dataclass(frozen=True)
+class GroupResources:
+    """What one group task asks Ray for, and the share of its device's memory it may fill."""
+
+    num_cpus: int
+    num_gpus: int
+    memory_share: float
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus else "cpu"
+
+
+def group_resources(groups: int | None) -> tuple[int, GroupResources]:
+    """(groups, each task's resources) from the alive nodes: one whole GPU per task (groups
+    beyond the GPU count wait for one), or, without GPUs, the CPUs of a node split between the
+    groups that run on it at once. `groups` None: one per GPU, or one per node."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    gpus = sum(int(r.get("GPU", 0)) for r in nodes)
+    if gpus:
+        return groups or gpus, GroupResources(1, 1, 1.0)
+    groups = groups or len(nodes)
+    node_cpus = max(int(r.get("CPU", 1)) for r in nodes)
+    total = sum(int(r.get("CPU", 0)) for r in nodes)
+    cpus = max(1, min(node_cpus, total // groups))
+    return groups, GroupResources(cpus, 0, cpus / node_cpus)
 
 
 def split_groups(classes: list[int], groups: int) -> list[list[int]]:
@@ -117,17 +144,32 @@ def run_condense(
     spec = BankSpec.from_json(bank_json["spec"])
     classes = list(cfg.classes or range(spec.num_classes))
     folder = condense_dir(run_dir, cfg)
+    lineage.claim_condensation(folder, bank_json, say)
     storage.write_json(storage.join(folder, "config.json"), asdict(cfg))
     ensure_ray(address)
-    plan = plan_workers()
-    groups = split_groups(classes, cfg.groups or plan.workers)
-    gpu_share = (
-        plan.num_gpus / max(1, math.ceil(len(groups) / plan.workers)) if plan.num_gpus else 0
-    )
+    n_groups, res = group_resources(cfg.groups)
+    groups = split_groups(classes, n_groups)
     # no Ray retries: the driver reruns a lost group itself, so that it can say so
-    task = ray.remote(num_cpus=plan.num_cpus, num_gpus=gpu_share, max_retries=0)(condense_group)
-    todo = [g for g, group in enumerate(groups) if not storage.is_done(group_dir(folder, group))]
-    pending = {task.remote(run_dir, cfg, groups[g], g, plan.device): g for g in todo}
+    task = ray.remote(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=0)(condense_group)
+
+    todo = [
+        g
+        for g, group in enumerate(groups)
+        if not lineage.group_current(group_dir(folder, group), bank_json)
+    ]
+    # The online reference's real images are read here, by Ray Data, and put once per group: a
+    # group task that read them itself would wait for read tasks its own CPUs keep from running.
+    real = {}
+    if cfg.targets == "online" and todo:
+        per_class = real_images(bank_json, classes)
+        real = {g: ray.put([per_class[classes.index(c)] for c in groups[g]]) for g in todo}
+
+    def start(g: int):
+        return task.remote(
+            run_dir, cfg, groups[g], g, res.device, res.num_cpus, res.memory_share, real.get(g)
+        )
+
+    pending = {start(g): g for g in todo}
     skipped = len(groups) - len(todo)
     say(f"condensing {len(classes)} classes in {len(groups)} groups ({skipped} already done)")
     retries: list[dict] = []
@@ -150,7 +192,7 @@ def run_condense(
                             f"({why})"
                         ) from None
                     say(f"group {g + 1}: task lost ({why}); rerunning it from its checkpoint")
-                    pending[task.remote(run_dir, cfg, groups[g], g, plan.device)] = g
+                    pending[start(g)] = g
             now = {g: _heartbeat(folder, groups[g]) for g in pending.values()}
             if done or now != beats:
                 beats, last_change = now, time.monotonic()
@@ -212,14 +254,27 @@ def _load_state(location: str, device) -> LoopState:
 
 
 def condense_group(
-    run_dir: str, cfg: CondenseConfig, classes: list[int], g: int, device: str = "cpu"
+    run_dir: str,
+    cfg: CondenseConfig,
+    classes: list[int],
+    g: int,
+    device: str = "cpu",
+    threads: int | None = None,
+    memory_share: float = 1.0,
+    real: list[torch.Tensor] | None = None,
 ) -> None:
-    """Condense one group of classes and write its images (runs as a Ray task, or in process)."""
+    """Condense one group of classes and write its images (runs as a Ray task, or in process).
+
+    threads: torch's CPU threads (the task's CPUs); memory_share: the share of the device's free
+    memory this task's chunks may fill; real: for `--targets online`, every training image of
+    each of the group's classes (uint8 [n_c, H, W, ch])."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if threads:
+        torch.set_num_threads(threads)
     out = group_dir(condense_dir(run_dir, cfg), classes)
     beat = storage.join(out, HEARTBEAT)
-    # A beat at start and once the targets are built, so that start-up (online mode decodes the
-    # training set) does not count as a stall.
+    # A beat at start and once the targets are built, so that start-up (loading the statistics)
+    # does not count as a stall.
     storage.write_json(beat, {"step": -1, "at": time.time()})
     bank_json = read_bank(run_dir)
     spec = BankSpec.from_json(bank_json["spec"])
@@ -240,7 +295,9 @@ def condense_group(
     if cfg.targets == "bank":
         targets = BankTargets(bank, stats, classes, load_bandwidths(run_dir), cfg)
     else:
-        targets = OnlineTargets(real_images(bank_json, classes), bank, cfg)
+        summary = storage.read_json(storage.join(stats_dir(run_dir), storage.DONE))
+        smallest = min(summary["class_images"])
+        targets = OnlineTargets(real, classes, bank, cfg, smallest)
     storage.write_json(beat, {"step": state.step, "at": time.time()})
     last_beat = time.monotonic()
 
@@ -252,16 +309,16 @@ def condense_group(
             storage.write_json(beat, {"step": s.step, "at": time.time()})
             last_beat = time.monotonic()
 
-    lr = torch.full((1, spec.channels, 1, 1), cfg.lr, device=device)
-    if cfg.preset.lr_pixel_space:  # M3D's lr is for [0, 1] pixels: lr / std^2 per channel
-        lr = lr / torch.tensor(spec.std, device=device).view(1, -1, 1, 1) ** 2
+    # measured once the statistics and the images are on the device
+    per_image = cfg.factor**2 * image_bytes(spec.resolution, spec.depth, cfg.method == "datadam")
+    chunk = cfg.chunk or chunk_size(torch.device(device), per_image, memory_share)
+    log.info("group %d: %d images, %d per chunk", g, len(state.images), chunk)
     state = condense_loop(
         state,
         targets,
         cfg,
-        lr,
-        bank.pixel_low,
-        bank.pixel_high,
+        bank,
+        chunk=chunk,
         checkpoint=on_step,
         checkpoint_every=1,  # on_step decides what to write
         progress=lambda line: log.info("group %d: %s", g, line),
@@ -269,7 +326,9 @@ def condense_group(
     )
     result = {"images": state.images.cpu().contiguous(), "history": _json_tensor(state.history)}
     storage.write_bytes(storage.join(out, RESULT), st_save(result))
-    storage.mark_done(out, {"classes": classes, "steps": state.step})
+    storage.mark_done(
+        out, lineage.group_marker(bank_json, {"classes": classes, "steps": state.step})
+    )
     storage.delete(ckpt)
     storage.delete(beat)
 
@@ -280,11 +339,10 @@ def real_images(bank_json: dict, classes: list[int]) -> list[torch.Tensor]:
 
     spec = BankSpec.from_json(bank_json["spec"])
     profile = get_profile(bank_json["profile"], spec.resolution)
-    wanted = {c: [] for c in classes}
-    for row in read.iter_decoded(storage.list_shards(bank_json["data"]), profile, spec.num_classes):
-        if not row[ERROR] and row[LABEL] in wanted:
-            wanted[row[LABEL]].append(row[IMAGE])
-    return [torch.from_numpy(np.stack(wanted[c])) for c in classes]
+    images, labels, _ = read.read_split(
+        storage.list_shards(bank_json["data"]), profile, spec.num_classes
+    )
+    return [torch.from_numpy(images[labels == c]) for c in classes]
 
 
 def decoded_set(result: CondenseResult, factor: int) -> tuple[torch.Tensor, torch.Tensor]:

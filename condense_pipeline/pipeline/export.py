@@ -36,6 +36,7 @@ from webdataset import TarWriter
 from condense_pipeline import formats, plots, storage
 from condense_pipeline.datasets import Profile
 from condense_pipeline.evaluate.protocol import EvalConfig, recipe
+from condense_pipeline.pixels import to_pixels
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,6 @@ def _stats(profile: Profile) -> tuple[torch.Tensor, torch.Tensor]:
     mean = torch.tensor(profile.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(profile.std, dtype=torch.float32).view(1, -1, 1, 1)
     return mean, std
-
-
-def to_pixels(images: torch.Tensor, profile: Profile) -> torch.Tensor:
-    """Normalised float [n, C, H, W] -> uint8 [n, C, H, W]: de-normalised, clamped, rounded."""
-    mean, std = _stats(profile)
-    return ((images * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
 
 
 def png_error(images: torch.Tensor, pixels: torch.Tensor, profile: Profile) -> dict:
@@ -357,7 +352,7 @@ def export_condensed(
     storage.delete(storage.join(out_dir, storage.DONE))
     images = images.detach().to("cpu", torch.float32).contiguous()
     label_list = [int(y) for y in labels.tolist()]
-    pixels = to_pixels(images, profile)
+    pixels = to_pixels(images, profile.mean, profile.std)
     keys = sample_keys(labels.cpu())
     pngs = [encode_png(p) for p in pixels]
     error = png_error(images, pixels, profile)

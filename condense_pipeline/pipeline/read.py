@@ -286,6 +286,30 @@ def read_images(
     )
 
 
+def read_split(
+    shards: list[str], profile: Profile, num_classes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every good image of a split in memory, read and decoded by Ray Data in parallel (one task
+    per shard): (uint8 [n, res, res, C], labels int64 [n], keys [n]), ordered by key so that
+    the order does not depend on which task finished first. Rejected samples are left out."""
+    images, labels, keys = [], [], []
+    for block in read_images(shards, profile, num_classes).iter_batches(
+        batch_size=None, batch_format="numpy"
+    ):
+        good = block[ERROR] == ""
+        images.append(block[IMAGE][good])
+        labels.append(block[LABEL][good])
+        keys.append(block[KEY][good])
+    if not labels or not sum(len(y) for y in labels):
+        raise UserError(f"no good samples in the {len(shards)} shard(s) starting {shards[0]}")
+    order = np.argsort(np.concatenate(keys).astype(str), kind="stable")
+    return (
+        np.concatenate(images)[order],
+        np.concatenate(labels)[order],
+        np.concatenate(keys)[order],
+    )
+
+
 @dataclass
 class ReadSummary:
     """Counts of good and rejected samples; summaries add, so partial counts merge exactly."""

@@ -34,8 +34,8 @@ from condense_pipeline.config import StatsConfig
 from condense_pipeline.datasets import Profile
 from condense_pipeline.errors import Stopped, UserError
 from condense_pipeline.formats import BANK_JSON, ERROR, IMAGE, KEY, LABEL, SHARD, STATS_DIR
-from condense_pipeline.pipeline import class_files, pilot, read
-from condense_pipeline.pipeline.class_files import class_file, group_starts
+from condense_pipeline.pipeline import class_files, lineage, pilot, read
+from condense_pipeline.pipeline.class_files import group_starts
 from condense_pipeline.pipeline.cluster import ensure_ray, plan_workers
 from condense_pipeline.pipeline.commits import PARTIAL_DIR, Commits, UnitFailed
 from condense_pipeline.pipeline.dispatch import BLOCKS_PER_WORKER, Readers, Workers, feed
@@ -184,6 +184,7 @@ def _check_existing(folder: str, bank_json: dict) -> bool:
     )
     if existing["dataset"] != bank_json["dataset"]:
         diff.append("the training data changed")
+    diff += lineage.pool_conflict(existing, bank_json, storage.is_done(folder))
     if diff:
         raise UserError(
             f"{folder} holds statistics computed with other settings ({'; '.join(diff)}); "
@@ -218,7 +219,11 @@ def run_stats(
         raise UserError(f"class {info['classes'][empty[0]]} has no training images in {data}")
     spec = bank_spec(profile, cfg)
     folder = stats_dir(run_dir)
-    bank_json = {"spec": spec.to_json(), "dataset": dataset_fingerprint(info)}
+    bank_json = {
+        "spec": spec.to_json(),
+        "dataset": dataset_fingerprint(info),
+        "init_pool": cfg.init_pool,
+    }
     if storage.exists(storage.join(folder, BANK_JSON)):
         if overwrite:
             storage.delete(folder)
@@ -230,9 +235,7 @@ def run_stats(
 
     ensure_ray(address)
     started = time.perf_counter()
-    bank_json.update(
-        init_pool=cfg.init_pool, data=data, profile=profile.name, class_names=info["classes"]
-    )
+    bank_json.update(data=data, profile=profile.name, class_names=info["classes"])
     storage.write_json(storage.join(folder, BANK_JSON), bank_json)
     units, wanted = _plan(shards, spec, cfg, counts)
     whole = sum(s["samples"] for s in info["shards"])
@@ -366,15 +369,6 @@ def _load_tensor(location: str) -> torch.Tensor:
 def load_stats(run_dir: str, classes: list[int], device="cpu") -> ClassStats:
     """The finished statistics of `classes` (in order), reading only the files holding them."""
     return class_files.load_classes(stats_dir(run_dir), classes, device)
-
-
-def load_pools(run_dir: str, num_classes: int) -> list[torch.Tensor]:
-    """Every class's init pool (uint8 [n, H, W, ch]), holding one class file at a time."""
-    pools = []
-    for start in group_starts(num_classes):
-        part = ClassStats.load(storage.join(stats_dir(run_dir), class_file(start)))
-        pools += [part.pool(c)[0].clone() for c in range(len(part.pool_keys))]  # not views
-    return pools
 
 
 def load_bandwidths(run_dir: str) -> torch.Tensor | None:

@@ -11,7 +11,6 @@ import hashlib
 import io
 import logging
 import os
-import sys
 import tarfile
 import tempfile
 import time
@@ -217,14 +216,17 @@ def write_split(
     channels: int,
     shard_size: int,
     seed: int,
+    use_ray: bool | None = None,
+    held_out: dict | None = None,
 ) -> dict:
-    """Write the shards and dataset.json of one split; returns what dataset.json holds."""
+    """Write the shards and dataset.json of one split; returns what dataset.json holds.
+
+    `use_ray`: write the shards as Ray tasks (None: when there are PARALLEL_MIN_SHARDS or more).
+    `held_out`: how a validation split was held out of this one, recorded in dataset.json."""
     info_location = storage.join(split_dir, DATASET_JSON)
     storage.delete(info_location)
     jobs = plan_shards(data, split_dir, shard_size, seed)
-    # An already running Ray (a cluster, a test) is used whatever the size.
-    ray = sys.modules.get("ray")
-    parallel = len(jobs) >= PARALLEL_MIN_SHARDS or (ray is not None and ray.is_initialized())
+    parallel = len(jobs) >= PARALLEL_MIN_SHARDS if use_ray is None else use_ray
     log.info(
         "%s %s: %d samples into %d shards%s",
         name,
@@ -250,6 +252,8 @@ def write_split(
         native_size = _native_size({tuple(s) for r in results for s in r["sizes"]})
     counts = np.bincount(data.labels, minlength=len(data.classes)).tolist()
     info = split_info(name, data.split, data.classes, counts, channels, native_size, seed, results)
+    if held_out is not None:
+        info["held_out"] = held_out
     storage.write_json(info_location, info)
     return info
 

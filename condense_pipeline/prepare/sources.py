@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from condense_pipeline.errors import UserError
+from condense_pipeline.formats import VALIDATION
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,32 @@ def from_arrays(
         images=x,
         channels=1 if x.ndim == 3 else 3,
         native_size=height if height == width else None,
+    )
+
+
+def hold_out(data: SplitData, per_class: int, seed: int) -> tuple[SplitData, SplitData]:
+    """(train, validation): `per_class` images of every class held out of a training split,
+    chosen by a seeded permutation, but never more than a fifth of a class (tiny sources keep
+    most of their images for training)."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in range(len(data.classes)):
+        members = np.flatnonzero(data.labels == c)
+        held.append(rng.permutation(members)[: min(per_class, len(members) // 5)])
+    mask = np.zeros(len(data), dtype=bool)
+    mask[np.concatenate(held)] = True
+    return _subset(data, ~mask, data.split), _subset(data, mask, VALIDATION)
+
+
+def _subset(data: SplitData, mask: np.ndarray, split: str) -> SplitData:
+    index = np.flatnonzero(mask)
+    return replace(
+        data,
+        split=split,
+        keys=[data.keys[i] for i in index],
+        labels=data.labels[index],
+        files=[data.files[i] for i in index] if data.files is not None else None,
+        images=data.images[index] if data.images is not None else None,
     )
 
 
