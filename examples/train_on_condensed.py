@@ -30,6 +30,7 @@ import torchvision
 from PIL import Image
 from ray.train.torch import TorchTrainer
 
+from condense_pipeline import storage
 from condense_pipeline.api import default_data, load_split
 from condense_pipeline.condense.augment import augment_batch
 from condense_pipeline.datasets import get_profile
@@ -141,7 +142,8 @@ def main() -> None:
     model = resnet18(manifest["channels"], len(manifest["classes"]))
     with result.checkpoint.as_directory() as folder:
         model.load_state_dict(torch.load(os.path.join(folder, "model.pt"), weights_only=True))
-    test_x, test_y = load_split(args.test or default_data(profile, TEST), profile)
+    test = storage.list_shards(args.test or default_data(profile, TEST))
+    test_x, test_y = load_split(test, profile)
     accuracy = test_accuracy(model, test_x, test_y)
     print(f"trained resnet18 on {manifest['num_images']} condensed images for {epochs} epochs")
     print(f"test accuracy on {len(test_y)} real test images: {accuracy:.2f}%")

@@ -68,3 +68,24 @@ def test_chunked_gradient_on_cuda_equals_unchunked(no_tf32, method):
     loss, grad = step_gradient(images, t, cfg)
     loss_c, grad_c = step_gradient(images, t, cfg, chunk=2)
     assert _rel(loss_c, loss) < 1e-5 and _rel(grad_c, grad) < 1e-5
+
+
+def test_tf32_settings_are_read_in_the_process_that_computes():
+    # Catches bank.json recording the driver's flags: a fresh process (what a stats worker is)
+    # reads its own, where cuDNN's TF32 is on by default and matmul's follows the precision.
+    import json
+    import subprocess
+    import sys
+
+    torch.backends.cudnn.allow_tf32 = False  # the driver's setting must not leak into the worker
+    try:
+        code = (
+            "import json, torch; from condense_pipeline.condense.numerics import numerics; "
+            "print(json.dumps(numerics('cuda')))"
+        )
+        out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                        text=True, check=True).stdout)  # fmt: skip
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+    assert out["device"] == "cuda" and out["cudnn_tf32"] is True
+    assert out["matmul_tf32"] is (torch.get_float32_matmul_precision() != "highest")
