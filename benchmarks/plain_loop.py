@@ -131,7 +131,7 @@ def step_times(run_dir: str, profile, steps: int) -> tuple[float, float]:
 
     targets = BankTargets(bank, stats, classes, None, cfg)
     state = LoopState(0, start.clone(), torch.zeros_like(start))
-    state = condense_loop(state, targets, cfg, lr, lo, hi, log_every=1)
+    state = condense_loop(state, targets, cfg, bank, log_every=1)
     project = statistics.median(np.diff([h["seconds"] for h in state.history])[WARMUP - 1 :])
 
     labels = torch.arange(len(classes)).repeat_interleave(cfg.ipc)
