@@ -76,6 +76,7 @@ def spec(classes: int, probes: int, statistics, rff_dim: int = 5120, res: int = 
         real_per_probe=256,
         statistics=tuple(statistics),
         rff_dim=rff_dim,
+        pilot_per_class=32 if "rff" in statistics else 0,
     )
 
 

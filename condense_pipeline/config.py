@@ -43,7 +43,7 @@ class StatsConfig:
     init_pool: int
     seed: int = 0
     attention_power: float = 1.0
-    pilot_per_class: int = 32
+    pilot_per_class: int | None = None  # None: pilot_size(real_per_probe)
     workers: int | None = None  # None: one per GPU, or CPUs minus one for reading
     shards_per_unit: int = 8
     batch_size: int = 512

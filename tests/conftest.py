@@ -44,6 +44,7 @@ def small_spec(statistics=("emb", "rff", "att"), probes=6, real_per_probe=None, 
         real_per_probe=real_per_probe,
         statistics=tuple(statistics),
         rff_dim=500,
+        pilot_per_class=8 if "rff" in statistics else 0,
     )
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from conftest import small_spec
 
-from condense_pipeline.condense.bank import ProbeBank, pilot_bandwidths
+from condense_pipeline.condense.bank import ProbeBank, pilot_bandwidths, pilot_size
 from condense_pipeline.condense.losses import gaussian_kernel
 from condense_pipeline.condense.networks import ConvNet
 from condense_pipeline.condense.sampling import derive_seed, key_hashes, probe_uniforms
@@ -146,3 +146,12 @@ def test_probe_network_keeps_the_weights_statistics_were_computed_with(bank):
     assert all(
         torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values())
     )
+
+
+def test_pilot_forwards_at_most_a_quarter_of_the_pass():
+    # At M = 32 (the 32 px profiles) a 32-image pilot forwarded as many images as the whole pass
+    # (M per class per probe), which made the m3d pass twice as long as dm's.
+    assert pilot_size(32) == 8
+    assert pilot_size(256) == 32 and pilot_size(None) == 32  # cheap next to a large pass
+    assert all(pilot_size(m) <= max(8, m // 4) for m in range(1, 2000))
+    assert all(pilot_size(m) >= 8 for m in range(1, 2000))  # enough pairs for a bandwidth

@@ -23,7 +23,7 @@ STATISTICS = ("emb", "rff", "att")  # what a bank can hold: DM needs emb; M3D rf
 # M3D also keeps the embedding sums: with the squared norms they give the exact bandwidth, to
 # report how far the pilot's estimate was.
 NEEDS = {"dm": ("emb",), "m3d": ("emb", "rff"), "datadam": ("att", "emb")}
-# Random-feature bases kept per bank (host or device memory): 25 bases at D = 2048, R = 5120.
+# Random-feature bases kept per bank (host or device memory): 128 bases at D = 2048, R = 5120.
 RFF_CACHE_BYTES = 2**30
 _RFF_LOCK = threading.Lock()
 
@@ -46,14 +46,20 @@ class BankSpec:
     rff_dim: int = 0
     attention_power: float = 1.0
     network: str = "convnet"
+    pilot_per_class: int = 0  # M3D: images per class of the bandwidth pilot (0 without rff)
     extra: dict = field(default_factory=dict, compare=False)  # recorded, never compared
 
     def __post_init__(self):
         if "rff" in self.statistics and self.rff_dim % len(BANDWIDTH_MULTIPLIERS):
             raise UserError(f"--rff-dim must be a multiple of 5, got {self.rff_dim}")
+        if "rff" in self.statistics and self.pilot_per_class < 2:
+            raise UserError("the M3D bandwidth pilot needs at least 2 images per class")
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["pilot_per_class"]:
+            del d["pilot_per_class"]  # so banks without M3D keep the fingerprint they had
+        return d
 
     @staticmethod
     def from_json(d: dict) -> BankSpec:
@@ -104,20 +110,22 @@ class ProbeBank:
 
     # -- random Fourier features ------------------------------------------------------------
     def rff_basis(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(G [D, R] standard normal, b [R] uniform in [0, 2pi)) for probe k, from (seed, k).
+        """(G [D, R / 5] standard normal, b [R] uniform in [0, 2pi)) for probe k, from (seed, k).
 
-        Drawn on the CPU so every device gets the same matrix; scaled per class and bandwidth by
-        `rff_scales`, never stored on disk (84 MB per probe at D = 2048, R = 10240). A draw
-        costs about as much as 60 forwards at 32 px on a CPU, so callers visit the probes one
-        after the other (PendingForwards, the condensation schedule), and the cache keeps the
-        RFF_CACHE_BYTES of bases used last.
+        The five bandwidth blocks share G, each scaling it by its own bandwidth: each block alone
+        is an unbiased feature map of its Gaussian, and sharing draws and projects a fifth as
+        much (a draw of 2048 x 1024 normals costs about 12 forwards at 32 px on a CPU). Drawn on
+        the CPU so every device gets the same matrix, never stored on disk; the cache keeps the
+        RFF_CACHE_BYTES of bases used last, and callers visit the probes one after the other
+        (PendingForwards, the condensation schedule).
         """
         with _RFF_LOCK:  # a thread may be drawing the next probe's basis (PendingForwards)
             if k in self._rff:
                 self._rff[k] = self._rff.pop(k)  # now the most recently used (dicts keep order)
                 return self._rff[k]
         g = torch.Generator().manual_seed(derive_seed(self.spec.seed, "rff", k))
-        basis = torch.randn(self.embed_dim, self.spec.rff_dim, generator=g)
+        block = self.spec.rff_dim // len(BANDWIDTH_MULTIPLIERS)
+        basis = torch.randn(self.embed_dim, block, generator=g)
         phase = torch.rand(self.spec.rff_dim, generator=g) * (2 * math.pi)
         drawn = (basis.to(self.device), phase.to(self.device))
         with _RFF_LOCK:
@@ -126,18 +134,15 @@ class ProbeBank:
             self._rff[k] = drawn
         return drawn
 
-    def rff_scales(self, h: torch.Tensor) -> torch.Tensor:
-        """Column scales sqrt(2 / (h m)) for bandwidths h [n] -> [n, R]: W = G * scale."""
-        R_b = self.spec.rff_dim // len(BANDWIDTH_MULTIPLIERS)
-        m = torch.tensor(BANDWIDTH_MULTIPLIERS, dtype=h.dtype, device=h.device)
-        return torch.sqrt(2.0 / (h[:, None] * m[None, :])).repeat_interleave(R_b, dim=1)
-
     def rff(self, k: int, emb: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """phi(u) [n, R] for embeddings u [n, D] with per-row bandwidths h [n]."""
+        """phi(u) [n, R] for embeddings u [n, D] with per-row bandwidths h [n]: block m is
+        sqrt(2 / R_b) cos(u G sqrt(2 / (h m)) + b_m)."""
         basis, phase = self.rff_basis(k)
-        R_b = self.spec.rff_dim // len(BANDWIDTH_MULTIPLIERS)
-        proj = (emb @ basis) * self.rff_scales(h.to(emb.dtype))
-        return math.sqrt(2.0 / R_b) * torch.cos(proj + phase)
+        n, block = len(emb), basis.shape[1]
+        m = torch.tensor(BANDWIDTH_MULTIPLIERS, dtype=emb.dtype, device=emb.device)
+        scales = torch.sqrt(2.0 / (h.to(emb.dtype)[:, None] * m[None, :]))  # [n, 5]
+        proj = ((emb @ basis)[:, None, :] * scales[:, :, None]).reshape(n, -1)
+        return math.sqrt(2.0 / block) * torch.cos(proj + phase)
 
     def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 [n, H, W, C] -> float [n, C, H, W] in the bank's normalised space."""
@@ -197,6 +202,17 @@ def mean_pairwise_sqdist(emb: torch.Tensor) -> torch.Tensor:
 
 
 PILOT_CHUNK = 512  # pilot images per forward: bounded memory whatever the class count
+
+
+def pilot_size(real_per_probe: int | None) -> int:
+    """Pilot images per class: 32, but at most a quarter of the images each probe takes from a
+    class (and at least 8), so that the pilot's forwards cost at most a quarter of the pass's.
+    At M = 32 (the 32 px profiles) a 32-image pilot forwards as much as the whole pass; from 8
+    images the median bandwidth lands within a few per cent of the pass's exact one
+    (benchmarks/RESULTS.md, "The M3D pilot")."""
+    if real_per_probe is None:
+        return 32
+    return min(32, max(8, real_per_probe // 4))
 
 
 def pilot_bandwidths(

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from condense_pipeline import rejects, storage
-from condense_pipeline.condense.bank import NEEDS, BankSpec, ProbeBank
+from condense_pipeline.condense.bank import NEEDS, BankSpec, ProbeBank, pilot_size
 from condense_pipeline.condense.numerics import numerics
 from condense_pipeline.condense.sampling import needed
 from condense_pipeline.condense.stats import ClassStats, PendingForwards
@@ -72,6 +72,9 @@ def bank_spec(profile: Profile, cfg: StatsConfig) -> BankSpec:
         statistics=tuple(needs),
         rff_dim=cfg.rff_dim if "rff" in needs else 0,
         attention_power=cfg.attention_power,
+        pilot_per_class=(cfg.pilot_per_class or pilot_size(cfg.real_per_probe))
+        if "rff" in needs
+        else 0,
     )
 
 
@@ -324,6 +327,11 @@ def _run_units(units, readers: Readers, workers: Workers, commits: Commits, cfg,
                 say(f"unit {u + 1}/{len(units)} done ({len(units[u])} shards)")
                 commits.add(u, forwards)
                 if commits.due() or n + 1 == len(todo):
+                    # the workers forward what they hold first: on a CPU that can take minutes
+                    say(
+                        f"committing {len(commits.pending)} unit(s): "
+                        f"{commits.pending_forwards:,} probe forwards, then the checkpoints"
+                    )
                     commits.commit(actors, cfg.stall_timeout_s)
                     failures = 0
         except UnitFailed as failure:
@@ -346,8 +354,8 @@ def _bandwidths(folder, shards, profile, spec, cfg, counts, say) -> torch.Tensor
     path = storage.join(folder, BANDWIDTHS)
     if storage.exists(path):
         return _load_tensor(path)
-    say(f"bandwidth pilot: {cfg.pilot_per_class} images per class")
-    images, labels = pilot.pilot_images(shards, profile, counts, cfg.pilot_per_class, cfg.seed)
+    say(f"bandwidth pilot: {spec.pilot_per_class} images per class")
+    images, labels = pilot.pilot_images(shards, profile, counts, spec.pilot_per_class, cfg.seed)
     plan = plan_workers(cfg.workers)
     bandwidths = pilot.bandwidths(spec, images, labels, plan, cfg.stall_timeout_s)
     _save_tensor(path, bandwidths)
