@@ -325,7 +325,10 @@ class PendingForwards:
         lab = labels.to(bank.device)
         with torch.no_grad():
             x = bank.augment(k, bank.normalize(images), labels)
-            emb, acts = bank.network(k).activations(x)
+            if stats.att_sum:  # DataDAM: every block's activations; the others only the output
+                emb, acts = bank.network(k).activations(x)
+            else:
+                emb, acts = bank.network(k).embed(x), []
         emb64 = emb.double()
         stats.count[k].index_add_(0, lab, torch.ones_like(emb64[:, 0]))
         stats.sqnorm_sum[k].index_add_(0, lab, (emb64 * emb64).sum(1))
