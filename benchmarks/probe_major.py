@@ -67,6 +67,8 @@ def one(method: str, probes: int, held: bool, images, labels, keys, args) -> dic
         b = slice(i, i + BATCH)
         if held:
             forwards += pending.add(stats, images[b], labels[b], keys[b])
+            if pending.full:
+                pending.flush(stats)
         else:
             forwards += accumulate(stats, bank, images[b], labels[b], keys[b], counts, h)
     pending.flush(stats)

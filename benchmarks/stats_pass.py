@@ -129,6 +129,8 @@ def child(args) -> None:
         bare_forwards += pending.add(
             stats, images[i : i + cfg.batch_size], labels[i : i + cfg.batch_size], keys
         )
+        if pending.full:
+            pending.flush(stats)
     pending.flush(stats)
     bare_s = time.perf_counter() - started
     out = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -195,10 +196,6 @@ def _tensor_views(data: bytearray) -> dict[str, torch.Tensor]:
 # One probe's images go through its network at most this many at a time: it bounds what a
 # forward holds (DataDAM keeps every block's activations), as the batch size did before.
 FORWARD_CHUNK = 512
-# Probe forwards held at most on a CPU before a flush: bounds how long one flush keeps a worker
-# from answering (about 3 minutes for 2 cores at 32 px) while leaving K = 100 to 1000 probes
-# hundreds of images each. On a GPU that many take seconds, and only the bytes held count.
-FLUSH_FORWARDS_CPU = 2**18
 
 
 def accumulate(
@@ -230,12 +227,15 @@ class PendingForwards:
     that some probe samples, with their (image, probe) pairs; `flush` forwards them probe-major:
     each probe's network runs on a few large chunks and M3D draws its random-feature basis once
     per probe, whatever K. (Batch by batch, K = 100 at M = 32 on MNIST gave each probe about 3
-    images of a 512-image batch and redrew about 100 bases per batch.) `add` flushes by itself
-    once the held images and pairs reach `capacity_bytes` (None: never), which bounds the memory
-    whatever K and C, or on a CPU once FLUSH_FORWARDS_CPU forwards are due. Whoever saves the
-    statistics must flush first, or the checkpoint misses the held images. The probe order
-    alternates between flushes, so that the bases the last flush ended with are still in the
-    bank's cache when the next one starts.
+    images of a 512-image batch and redrew about 100 bases per batch.) The holder is `full` once
+    the held images and pairs reach `capacity_bytes` (None: never); whoever adds flushes then,
+    which bounds the memory whatever K and C. A flush can go in pieces of bounded time
+    (`seconds`), so that a worker answers its driver every few seconds however large the flush:
+    what it has started stays queued for the next call, and what is added meanwhile waits for
+    the flush after.
+    Whoever saves the statistics must flush first, or the checkpoint misses the held images.
+    The probe order alternates between flushes, so that the bases the last flush ended with are
+    still in the bank's cache when the next one starts.
     """
 
     def __init__(
@@ -254,11 +254,13 @@ class PendingForwards:
         # On a GPU the next probe's basis is drawn on a CPU thread while this probe's forwards
         # run; on a CPU that thread would only take cores from the forwards.
         self.draw_ahead = bank.device.type == "cuda" if draw_ahead is None else draw_ahead
+        self._drawer = ThreadPoolExecutor(1) if self.draw_ahead else None
+        self._ahead = None  # (probe, future) of the basis being drawn on that thread
         self._reverse = False
         self.clear()
 
     def clear(self) -> None:
-        """Drop what is held (when the statistics it was meant for are replaced)."""
+        """Drop what is held and queued (when the statistics it was meant for are replaced)."""
         self._images: list[torch.Tensor] = []
         self._labels: list[np.ndarray] = []
         self._rows: list[np.ndarray] = []  # per batch: the held image of each (image, probe) pair
@@ -266,12 +268,28 @@ class PendingForwards:
         self.held = 0  # images held
         self.forwards = 0  # probe forwards they are due
         self.nbytes = 0  # bytes of the held images and pairs
+        self._queue: list | None = None  # a flush in progress: (images, labels, chunks left)
+
+    @property
+    def full(self) -> bool:
+        return self.capacity_bytes is not None and self.nbytes >= self.capacity_bytes
+
+    @property
+    def flushing(self) -> bool:
+        """A flush is started and not finished (flush(seconds) returned before its end)."""
+        return self._queue is not None
+
+    @property
+    def due(self) -> int:
+        """Probe forwards not done yet: the queued flush's and the held images'."""
+        queued = 0 if self._queue is None else sum(len(idx) for _, idx in self._queue[2])
+        return queued + self.forwards
 
     def add(
         self, stats: ClassStats, images: torch.Tensor, labels: np.ndarray, keys: list[str]
     ) -> int:
         """Count a batch of good images (uint8 [n, H, W, ch], labels [n]) into `stats` and hold
-        what the probes need; returns the probe forwards it takes (now or at a flush)."""
+        what the probes need; returns the probe forwards it takes (at a flush)."""
         spec = self.bank.spec
         _count_and_pool(stats, images, labels, keys, self.counts, spec.seed)
         member = membership(
@@ -287,21 +305,46 @@ class PendingForwards:
             self.held += len(used)
             self.forwards += len(rows)
             self.nbytes += self._images[-1].nbytes + 12 * len(rows)
-        on_cpu = self.bank.device.type == "cpu"
-        if self.capacity_bytes is not None and (
-            self.nbytes >= self.capacity_bytes or (on_cpu and self.forwards >= FLUSH_FORWARDS_CPU)
-        ):
-            self.flush(stats)
         return len(rows)
 
-    def flush(self, stats: ClassStats) -> None:
-        """Forward every held image through its probes and add the results to `stats`."""
-        if not self.held:
-            return
+    def flush(self, stats: ClassStats, seconds: float | None = None) -> int:
+        """Forward the held images through their probes into `stats`: all of them, or (with
+        `seconds`) chunks until that much time has passed, at least one. Returns `due`."""
+        deadline = None if seconds is None else time.monotonic() + seconds
+        while self._queue is not None or self.held:
+            if self._queue is None:
+                self._queue = self._start()
+            images, labels, chunks = self._queue
+            while chunks:
+                k, idx = chunks.pop(0)
+                if self.draw_ahead and stats.rff_sum is not None:
+                    self._draw_ahead(k, chunks)
+                self._add_probe(stats, k, images[idx], labels[idx])
+                if deadline is not None and time.monotonic() >= deadline:
+                    if not chunks:
+                        self._queue = None
+                    return self.due
+            self._queue = None
+            if deadline is not None:
+                break  # what was added during this flush waits for the next one
+        return self.due
+
+    def _draw_ahead(self, k: int, chunks: list) -> None:
+        """Wait for probe k's basis if a thread is drawing it, and start drawing the next
+        probe's on that thread while k's forwards run."""
+        if self._ahead is not None and self._ahead[0] == k:
+            self._ahead[1].result()
+        nxt = next((j for j, _ in chunks if j != k), None)
+        if nxt is not None and (self._ahead is None or self._ahead[0] != nxt):
+            self._ahead = (nxt, self._drawer.submit(self.bank.rff_basis, nxt))
+
+    def _start(self) -> list:
+        """Freeze what is held into a flush: per probe (in this flush's order) its chunks."""
         images = torch.cat(self._images)
         labels = torch.from_numpy(np.concatenate(self._labels))
         rows, probes = np.concatenate(self._rows), np.concatenate(self._probes)
-        self.clear()
+        self._images, self._labels, self._rows, self._probes = [], [], [], []
+        self.held = self.forwards = self.nbytes = 0
         order = np.argsort(probes, kind="stable")
         rows, probes = rows[order], probes[order]
         K = self.bank.spec.probes
@@ -311,13 +354,13 @@ class PendingForwards:
             for k in (reversed(range(K)) if self._reverse else range(K))
             if bounds[k + 1] > bounds[k]
         ]
-        if self.draw_ahead and stats.rff_sum is not None:
-            due = _bases_drawn_ahead(self.bank, due)
-        for k in due:
-            for start in range(bounds[k], bounds[k + 1], self.chunk):
-                idx = torch.from_numpy(rows[start : min(start + self.chunk, bounds[k + 1])])
-                self._add_probe(stats, k, images[idx], labels[idx])
         self._reverse = not self._reverse
+        chunks = [
+            (k, torch.from_numpy(rows[start : min(start + self.chunk, bounds[k + 1])]))
+            for k in due
+            for start in range(bounds[k], bounds[k + 1], self.chunk)
+        ]
+        return [images, labels, chunks]
 
     def _add_probe(self, stats: ClassStats, k: int, images: torch.Tensor, labels: torch.Tensor):
         """Forward images (uint8 [n, H, W, ch]) of classes `labels` [n] through probe k."""
@@ -339,18 +382,6 @@ class PendingForwards:
             stats.rff_sum[k].index_add_(0, lab, phi.double())
         for a_sum, act in zip(stats.att_sum, acts):
             a_sum[k].index_add_(0, lab, attention_map(act, self.attention_power).double())
-
-
-def _bases_drawn_ahead(bank: ProbeBank, probes: list[int]):
-    """Yields the probes in order, each once its basis is in the bank's cache, the next one's
-    being drawn on a thread meanwhile."""
-    with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(bank.rff_basis, probes[0])
-        for i, k in enumerate(probes):
-            future.result()
-            if i + 1 < len(probes):
-                future = pool.submit(bank.rff_basis, probes[i + 1])
-            yield k
 
 
 def _count_and_pool(stats: ClassStats, images, labels, keys, class_counts, seed: int) -> None:

@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 # Blocks queued on each worker: one running, one fetched and waiting, so a worker never idles
 # while the driver hands out the next block.
 BLOCKS_PER_WORKER = 2
+# A worker's flush (its held images forwarded probe by probe: minutes on a CPU) runs as calls of
+# about this many seconds, so a slow or busy machine is told from a stalled one.
+FLUSH_CALL_S = 10.0
 
 
 class Workers:
@@ -98,12 +101,13 @@ def _wait_for_verdicts(workers, timeout: float) -> None:
 
 def feed(workers, blocks: queue.Queue, batch_size: int, stall_timeout_s: float) -> int:
     """Hand a unit's blocks to the workers, each to the least loaded one, at most
-    BLOCKS_PER_WORKER at a time; returns the probe forwards. A worker that dies fails its call
-    at once (a streaming_split would stall on it)."""
+    BLOCKS_PER_WORKER at a time; returns the probe forwards. A block that fills a worker's
+    buffer starts a flush, which the driver continues in calls of FLUSH_CALL_S, each one
+    progress. A worker that dies fails its call at once (a streaming_split would stall on it)."""
     import ray
     from ray.exceptions import RayError
 
-    load = [0] * len(workers)
+    load = [0] * len(workers)  # a block's slot is held until the flush it started ends
     calls: dict = {}  # call ref -> worker index
     forwards, last_change, feeding = 0, time.monotonic(), True
     while feeding or calls:
@@ -125,17 +129,41 @@ def feed(workers, blocks: queue.Queue, batch_size: int, stall_timeout_s: float) 
         if calls:
             done, _ = ray.wait(list(calls), num_returns=1, timeout=0.0 if progressed else 2.0)
             for ref in done:
-                load[calls.pop(ref)] -= 1
+                i = calls.pop(ref)
                 try:
-                    forwards += ray.get(ref)
+                    result = ray.get(ref)
                 except RayError as e:
                     raise UnitFailed(f"a worker died or failed: {ray_failure(e)}") from e
+                if isinstance(result, tuple):  # consume: (forwards, flushing)
+                    forwards, flushing = forwards + result[0], result[1]
+                else:  # flush: flushing
+                    flushing = result
+                if flushing:
+                    calls[workers[i].flush.remote(FLUSH_CALL_S)] = i
+                else:
+                    load[i] -= 1
                 progressed = True
         if progressed:
             last_change = time.monotonic()
         elif time.monotonic() - last_change > stall_timeout_s:
             raise UnitFailed(f"no progress for {stall_timeout_s:.0f} s")
     return forwards
+
+
+def drain(workers, stall_timeout_s: float) -> None:
+    """Have every worker forward all it holds, in calls of FLUSH_CALL_S (before a commit)."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayError
+
+    busy = list(workers)
+    while busy:
+        try:
+            due = ray.get([w.drain.remote(FLUSH_CALL_S) for w in busy], timeout=stall_timeout_s)
+        except GetTimeoutError:
+            raise UnitFailed(f"no progress for {stall_timeout_s:.0f} s") from None
+        except RayError as e:
+            raise UnitFailed(f"a worker was lost before its checkpoint: {ray_failure(e)}") from e
+        busy = [w for w, n in zip(busy, due) if n]
 
 
 class Readers:

@@ -38,7 +38,14 @@ from condense_pipeline.pipeline import class_files, lineage, pilot, read
 from condense_pipeline.pipeline.class_files import group_starts
 from condense_pipeline.pipeline.cluster import ensure_ray, plan_workers
 from condense_pipeline.pipeline.commits import PARTIAL_DIR, Commits, UnitFailed
-from condense_pipeline.pipeline.dispatch import BLOCKS_PER_WORKER, Readers, Workers, feed
+from condense_pipeline.pipeline.dispatch import (
+    BLOCKS_PER_WORKER,
+    FLUSH_CALL_S,
+    Readers,
+    Workers,
+    drain,
+    feed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +119,9 @@ class StatsWorker:
         parts = [class_files.load_group(checkpoints, start, device) for start in groups]
         self.stats = class_files.concat_classes(parts)
 
-    def consume(self, block, batch_size: int) -> int:
-        """Add one block of decoded rows; returns the probe forwards it takes."""
+    def consume(self, block, batch_size: int) -> tuple[int, bool]:
+        """Add one block of decoded rows; returns the probe forwards it takes and whether a
+        flush it started is still under way (the driver then calls `flush` until it is not)."""
         from ray.data.block import BlockAccessor
 
         rows = BlockAccessor.for_block(block).to_numpy()
@@ -129,19 +137,30 @@ class StatsWorker:
             for shard, err in zip(batch[SHARD][bad], errors[bad]):
                 rejects.count(self.stats.rejected, shard, err)
             good = errors == ""
-            if good.any():  # forwarded now or at a later flush, probe by probe
+            if good.any():  # forwarded at a flush, probe by probe
                 forwards += self.pending.add(
                     self.stats,
                     torch.from_numpy(np.ascontiguousarray(batch[IMAGE][good])),
                     batch[LABEL][good],
                     [str(k) for k in batch[KEY][good]],
                 )
-        return forwards
+                if self.pending.full and not self.pending.flushing:
+                    self.pending.flush(self.stats, FLUSH_CALL_S)
+        return forwards, self.pending.flushing
+
+    def flush(self, seconds: float) -> bool:
+        """Go on with the flush under way for about `seconds`; whether it is still under way."""
+        self.pending.flush(self.stats, seconds)
+        return self.pending.flushing
+
+    def drain(self, seconds: float) -> int:
+        """Forward what is held for about `seconds`; returns the forwards still due."""
+        return self.pending.flush(self.stats, seconds)
 
     def save(self, location: str) -> dict:
         """Write the accumulator as a checkpoint folder of class files; returns its read counts
         and the bytes written (the driver checks the bad fraction at every commit)."""
-        self.pending.flush(self.stats)  # a checkpoint holds every image consumed before it
+        self.pending.flush(self.stats)  # the driver drained it: a checkpoint holds every image
         written = class_files.save_groups(self.stats, location)
         good = int(self.stats.seen.sum())
         return {"good": good, "rejected": self.stats.rejected, "bytes": written}
@@ -332,6 +351,7 @@ def _run_units(units, readers: Readers, workers: Workers, commits: Commits, cfg,
                         f"committing {len(commits.pending)} unit(s): "
                         f"{commits.pending_forwards:,} probe forwards, then the checkpoints"
                     )
+                    drain(actors, cfg.stall_timeout_s)
                     commits.commit(actors, cfg.stall_timeout_s)
                     failures = 0
         except UnitFailed as failure:
