@@ -135,7 +135,8 @@ def stats_pass(device, classes, probes, batches, batch, statistics, res):
 
 
 def condense_run(device, method, classes, ipc, steps, chunk, res):
-    """(decoded images/s, peak GiB, chunk used, images per step) of `steps` steps after one."""
+    """(decoded images/s, peak GiB, chunk used, decoded images per step, bytes per decoded
+    image) of `steps` steps after one."""
     import numpy as np
     import torch
 
@@ -166,9 +167,9 @@ def condense_run(device, method, classes, ipc, steps, chunk, res):
     started = time.perf_counter()
     condense_loop(warm, targets, cfg, bank, chunk)
     sync(device)
-    per_step = classes * ipc * cfg.factor**2
+    per_step = classes * ipc * cfg.factor**2  # decoded images
     seconds = time.perf_counter() - started
-    return per_step * steps / seconds, peak_gib(device), chunk, per_step, per_image
+    return per_step * steps / seconds, peak_gib(device), chunk, per_step, per_image / cfg.factor**2
 
 
 def pilot_peak(device, classes, per_class, probes, res):
