@@ -95,18 +95,21 @@ def condense_loop(
     Each step: the provider's network and Siamese augmentation for this step, the decoded images
     (factor f: f^2 per stored image), the matching loss summed over the group's classes and its
     gradient (`step_gradient`, in chunks of `chunk` stored images), one step for every class at
-    once, then clamping to the bank's valid pixel range so exported images are real images.
+    once, then clamping to the bank's valid pixel range (every step, or with
+    `cfg.clamp_each_step` False only after the last, as DM's and DataDAM's code never clamp), so
+    exported images are real images.
     """
     lr = image_lr(cfg, bank.spec.std, state.images.device)
     started = time.perf_counter() - (state.history[-1]["seconds"] if state.history else 0.0)
     images, velocity = state.images, state.velocity
     for step in range(state.step, cfg.steps):
         loss, grad = step_gradient(images, targets.at(step), cfg, chunk)
+        done = step + 1
         with torch.no_grad():
             velocity = cfg.momentum * velocity + grad
             images = images - lr * velocity
-            images = torch.maximum(torch.minimum(images, bank.pixel_high), bank.pixel_low)
-        done = step + 1
+            if cfg.clamp_each_step or done == cfg.steps:
+                images = torch.maximum(torch.minimum(images, bank.pixel_high), bank.pixel_low)
         if done % log_every == 0 or done == cfg.steps:
             seconds = time.perf_counter() - started
             state.history.append({"step": done, "loss": loss.item(), "seconds": round(seconds, 3)})
