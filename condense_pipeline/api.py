@@ -14,11 +14,13 @@ from condense_pipeline.condense.targets import probe_order, scheduled_probe
 from condense_pipeline.config import (
     CondenseConfig,
     StatsConfig,
+    TrainProbesConfig,
     check_pool,
     condense_config,
     init_images,
     init_pool,
     stats_config,
+    train_probes_config,
 )
 from condense_pipeline.datasets import Profile, data_home, get_profile
 from condense_pipeline.errors import UserError
@@ -61,6 +63,7 @@ class RunConfig:
     evaluate: EvalConfig | None  # None: skip evaluation
     address: str | None = None
     overwrite: bool = False
+    train_probes: TrainProbesConfig | None = None  # the experts' training, before the stats
 
 
 @dataclass
@@ -71,6 +74,7 @@ class RunSummary:
     stats: dict = field(default_factory=dict)
     condense: dict = field(default_factory=dict)  # groups run and reused, lost tasks rerun
     report: dict | None = None
+    experts: dict | None = None  # the training stage's summary, when the bank has trained probes
 
 
 def default_data(profile: Profile, split: str) -> str:
@@ -119,6 +123,20 @@ def run(cfg: RunConfig, progress=None) -> RunSummary:
         storage.write_json(manifest, record)
         return out
 
+    if cfg.train_probes is not None:
+        from condense_pipeline.pipeline.train_probes import run_train_probes
+
+        summary.experts = stage(
+            "train-probes",
+            lambda: run_train_probes(
+                cfg.profile,
+                cfg.data,
+                cfg.run_dir,
+                cfg.train_probes,
+                address=cfg.address,
+                progress=say,
+            ),
+        )
     stats: StatsResult = stage(
         "stats",
         lambda: run_stats(
@@ -284,6 +302,10 @@ def condense_dataset(
     real_per_probe: int | str | None = None,
     steps: int | None = None,
     seed: int = 0,
+    trained_probes: int = 0,
+    experts: int | None = None,
+    expert_epochs: int | None = None,
+    calibration: float = 0.0,
     progress=None,
 ):
     """Condense a Ray Dataset of images and integer labels 0..C-1 to `ipc` images per class.
@@ -293,8 +315,10 @@ def condense_dataset(
     bank, steps), with the number of classes taken from the data. Without `key_column`, a hash
     of the image bytes keys each image. `work_dir` (local or an object store) holds the data as
     shards, the statistics, checkpoints and the export; calling again with the same work_dir
-    resumes, so it must hold the same data. Returns the condensed set as a Ray Dataset with the
-    export's Parquet columns (formats.PARQUET_COLUMNS).
+    resumes, so it must hold the same data. `trained_probes` N > 0: the first N probes blend
+    `experts` ConvNets trained for `expert_epochs` on the data first (the profile's defaults
+    when None); `calibration` > 0 adds the cross-entropy under one of them. Returns the
+    condensed set as a Ray Dataset with the export's Parquet columns (formats.PARQUET_COLUMNS).
     """
     from condense_pipeline.evaluate.loader import load_condensed_ray
     from condense_pipeline.prepare.raydata import write_ray_dataset
@@ -320,7 +344,11 @@ def condense_dataset(
 
         method, why = choose_method(prof, ipc, probes, cluster_plan())
         log.info("method %s: %s", method, why)
-    cond = condense_config(prof, method, ipc, steps=steps, seed=seed)
+    cond = condense_config(prof, method, ipc, steps=steps, seed=seed, calibration=calibration)
+    train = None
+    if trained_probes:
+        # the bank's seed (the stats' default), not the condensation's
+        train = train_probes_config(prof, experts=experts, epochs=expert_epochs)
     cfg = RunConfig(
         profile=prof,
         run_dir=work_dir,
@@ -332,9 +360,12 @@ def condense_dataset(
             pool_for=init_pool(cond),
             probes=probes,
             real_per_probe=real_per_probe,
+            trained_probes=trained_probes,
+            experts=train.experts if train else None,
         ),
         condense=cond,
         evaluate=None,
+        train_probes=train,
     )
     summary = run(cfg, progress)
     return load_condensed_ray(storage.join(summary.condense_dir, EXPORT_DIR))

@@ -62,10 +62,16 @@ class StatsConfig:
     stall_timeout_s: float = 600.0
     # at most one commit (every worker writes its accumulator) per interval; 0: after every unit
     commit_interval_s: float = 300.0
+    trained_probes: int = 0  # probes 0..N-1 are blended experts (train-probes); 0: all random
+    experts: int = 0  # the experts those probes draw from (RUN/experts/); 0: every one trained
 
     def __post_init__(self):
         for m in self.methods:
             check_method(m)
+        if not 0 <= self.trained_probes <= self.probes:
+            raise UserError(f"--trained-probes must be between 0 and --probes ({self.probes})")
+        if self.experts < 0:
+            raise UserError("--experts must be 0 (every trained expert) or more")
         if self.probes < 1:
             raise UserError("--probes must be at least 1")
         if self.real_per_probe is not None and self.real_per_probe < 1:
@@ -99,9 +105,16 @@ class CondenseConfig:
     groups: int | None = None  # None: one group per GPU (CPU-only: one per node)
     chunk: int | None = None  # stored images per forward; None: from the device's free memory
     stall_timeout_s: float = 600.0  # fail when no group has made a step for this long
+    # weight of the cross-entropy of the synthetic images under one trained expert (DANCE and
+    # NCFM's calibration); 0: off
+    calibration: float = 0.0
 
     def __post_init__(self):
         check_method(self.method)
+        if self.calibration < 0:
+            raise UserError("--calibration must be 0 (off) or a positive weight")
+        if self.calibration and self.targets != "bank":
+            raise UserError("--calibration works with --targets bank (the trained probes')")
         if self.ipc < 1:
             raise UserError("--ipc must be at least 1")
         if self.init not in ("real", "noise", "mix"):
@@ -127,6 +140,8 @@ class CondenseConfig:
         fields = asdict(self)
         for name in ("groups", "chunk", "stall_timeout_s"):
             fields.pop(name)
+        if not self.calibration:  # off: the folders of condensations before it keep their names
+            fields.pop("calibration")
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
         return f"ipc{self.ipc}-{self.method}-{digest}"
 
@@ -151,6 +166,38 @@ def condense_config(profile: Profile, method: str, ipc: int, **overrides) -> Con
     if profile.resolution % given.get("factor", cfg.factor):
         raise UserError(f"--factor must divide the resolution {profile.resolution}")
     return replace(cfg, **given)
+
+
+@dataclass(frozen=True)
+class TrainProbesConfig:
+    """The training stage of trained probes: `experts` ConvNets, `epochs` each (the recipe's
+    other settings are ExpertRecipe's defaults). `seed`: the bank seed the experts derive from."""
+
+    experts: int
+    epochs: int
+    seed: int = 0
+    workers: int | None = None  # None: one per GPU, or one CPU worker
+
+    def __post_init__(self):
+        if self.experts < 1:
+            raise UserError("--experts must be at least 1")
+        if self.epochs < 1:
+            raise UserError("--epochs must be at least 1")
+
+
+DEFAULT_EXPERTS = 10  # DANCE and NCFM train 20; a brief training makes fewer affordable to test
+# Epochs per expert: a few passes (MNIST is near 98 % after 2); digits has 1,437 images.
+EXPERT_EPOCHS = {"digits": 30}
+DEFAULT_EXPERT_EPOCHS = 2
+
+
+def train_probes_config(profile: Profile, **overrides) -> TrainProbesConfig:
+    """A TrainProbesConfig with the profile's defaults; None overrides are ignored."""
+    cfg = TrainProbesConfig(
+        experts=DEFAULT_EXPERTS,
+        epochs=EXPERT_EPOCHS.get(profile.name, DEFAULT_EXPERT_EPOCHS),
+    )
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
 # What `stats` keeps without --init-pool and without a condensation to size it for: enough for

@@ -20,6 +20,7 @@ from condense_pipeline.config import (
     condense_config,
     init_pool,
     stats_config,
+    train_probes_config,
 )
 from condense_pipeline.datasets import METHODS, PROFILES, get_profile
 from condense_pipeline.errors import Stopped, UserError
@@ -34,7 +35,7 @@ WebDataset and Parquet shards, a preview, an evaluation against random real imag
 report. Try: condense-pipeline run digits --ipc 10
 """
 # Commands that start Ray; the others stay quick (no Ray import).
-RAY_COMMANDS = {"prepare", "stats", "condense", "export", "evaluate", "run"}
+RAY_COMMANDS = {"prepare", "train-probes", "stats", "condense", "export", "evaluate", "run"}
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, rich_markup_mode=None)
 say = typer.echo
@@ -64,6 +65,13 @@ LR = typer.Option(None, help="Image learning rate (m3d: in [0, 1] pixel space)."
 FACTOR = typer.Option(None, help="Multi-formation factor f (f^2 images per stored).")
 INIT = typer.Option(None, help="real, noise or mix.")
 ITERS_PER_PROBE = typer.Option(None, help="Consecutive steps per probe.")
+TRAINED_PROBES = typer.Option(
+    None, help="Probes that blend trained experts instead of random networks (default 0)."
+)
+EXPERTS = typer.Option(None, help="Experts to train / draw trained probes from (default 10).")
+CALIBRATION = typer.Option(
+    None, help="Weight of the cross-entropy under a trained expert (default 0: off)."
+)
 
 
 def _classes(spec: str | None) -> tuple[int, ...] | None:
@@ -173,6 +181,39 @@ def _dry_run_stats(profile, cfg, data: str) -> None:
         say(line)
 
 
+@app.command("train-probes")
+def train_probes(
+    dataset: str,
+    out: str = typer.Option(..., help="Run directory (the experts go to RUN/experts/)."),
+    data: str = typer.Option(None, help="Training shards (default: the prepared train split)."),
+    experts: int = EXPERTS,
+    epochs: int = typer.Option(None, help="Epochs per expert (default: the profile's)."),
+    resolution: int = typer.Option(None, help="Image size (imagenet: 64 or 128)."),
+    workers: int = typer.Option(None, help="Ray Train workers (default: one per GPU, or one)."),
+    seed: int = SEED,
+    address: str = ADDRESS,
+    dry_run: bool = typer.Option(False, help="Print the cost and compute nothing."),
+) -> None:
+    """Train the experts of trained probes on the training shards (Ray Train; resumes)."""
+    from condense_pipeline.pipeline.train_probes import run_train_probes
+
+    profile = get_profile(dataset, resolution)
+    cfg = train_probes_config(profile, experts=experts, epochs=epochs, seed=seed, workers=workers)
+    shards = _data(profile, data, TRAIN)
+    if dry_run:
+        return _dry_run_train(profile, cfg, shards)
+    with _stoppable():
+        s = run_train_probes(profile, shards, out, cfg, address=address, progress=say)
+    say(f"experts: {s['trained']} trained, {s['reused']} reused, {s['seconds']} s")
+
+
+def _dry_run_train(profile, cfg, data: str) -> None:
+    from condense_pipeline.pipeline.estimate import train_plan
+
+    for line in train_plan(profile, cfg, data):
+        say(line)
+
+
 @app.command()
 def stats(
     dataset: str,
@@ -186,6 +227,10 @@ def stats(
         None, help="Initial images kept per class (default: enough for IPC 10 and 5 eval runs)."
     ),
     attention_power: float = typer.Option(None, help="DataDAM's power p."),
+    trained_probes: int = TRAINED_PROBES,
+    experts: int = typer.Option(
+        None, help="Experts the trained probes draw from (default: every one in RUN/experts)."
+    ),
     resolution: int = typer.Option(None, help="Image size (imagenet: 64 or 128)."),
     workers: int = typer.Option(None, help="Stats workers (default: one per GPU, or CPUs - 1)."),
     max_bad_fraction: float = typer.Option(None, help="Fail above this fraction of bad samples."),
@@ -208,6 +253,8 @@ def stats(
         rff_dim=rff_dim,
         init_pool=init_pool,
         attention_power=attention_power,
+        trained_probes=trained_probes,
+        experts=experts,
         workers=workers,
         max_bad_fraction=max_bad_fraction,
         seed=seed,
@@ -289,6 +336,7 @@ def condense(
     classes: str = typer.Option(None, help="A subset, e.g. 0-99 or 1,5,7."),
     targets: str = typer.Option(None, help="bank (statistics) or online (the papers' way)."),
     batch_real: int = BATCH_REAL,
+    calibration: float = CALIBRATION,
     seed: int = SEED,
     address: str = ADDRESS,
     stall_timeout: float = STALL,
@@ -314,6 +362,7 @@ def condense(
         classes=_classes(classes),
         targets=targets,
         batch_real=batch_real,
+        calibration=calibration,
         seed=seed,
         stall_timeout_s=stall_timeout,
     )
@@ -424,6 +473,10 @@ def run(
     classes: str = typer.Option(None, help="Condense a subset, e.g. 0-99."),
     targets: str = typer.Option(None, help="bank (statistics) or online (the papers' way)."),
     batch_real: int = BATCH_REAL,
+    trained_probes: int = TRAINED_PROBES,
+    experts: int = EXPERTS,
+    expert_epochs: int = typer.Option(None, help="Epochs per expert (default: the profile's)."),
+    calibration: float = CALIBRATION,
     epochs: int = typer.Option(None, help="Evaluation epochs (default: the profile's)."),
     runs: int = typer.Option(EVAL_RUNS, help="Evaluation runs."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip evaluation."),
@@ -457,15 +510,21 @@ def run(
         classes=_classes(classes),
         targets=targets,
         batch_real=batch_real,
+        calibration=calibration,
         seed=seed,
         stall_timeout_s=stall_timeout,
     )
+    tcfg = None
+    if trained_probes:  # the experts are trained first, from the bank's seed
+        tcfg = train_probes_config(profile, experts=experts, epochs=expert_epochs, seed=seed)
     scfg = stats_config(
         profile,
         (method,),
         pool_for=init_pool(cond, 0 if no_eval else runs),
         probes=probes,
         real_per_probe=_int_or_all(real_per_probe),
+        trained_probes=trained_probes,
+        experts=tcfg.experts if tcfg else None,
         seed=seed,
         stall_timeout_s=stall_timeout,
         commit_interval_s=commit_interval,
@@ -474,6 +533,8 @@ def run(
     if dry_run:
         from condense_pipeline.pipeline.estimate import condense_plan
 
+        if tcfg:
+            _dry_run_train(profile, tcfg, train)
         _dry_run_stats(profile, scfg, train)
         for line in condense_plan(profile, cond):
             say(line)
@@ -490,6 +551,7 @@ def run(
         evaluate=None if no_eval else EvalConfig(epochs=epochs or profile.eval_epochs, runs=runs),
         address=address,
         overwrite=overwrite,
+        train_probes=tcfg,
     )
     with _stoppable():
         summary = api.run(cfg, progress=say)

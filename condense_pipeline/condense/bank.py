@@ -1,6 +1,8 @@
 """The probe bank: K fixed random networks, each with one Siamese augmentation per class and, for
 M3D, random Fourier features. Everything is derived from (seed, probe, class) so any process on any
-machine rebuilds the same probe without anything being shipped (DESIGN.md section 3).
+machine rebuilds the same probe without anything being shipped (DESIGN.md section 3). The first
+`trained` probes are blends of trained experts instead (condense/experts.py): their expert and
+blend come from (seed, probe) too, their weights from the run directory's experts.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from condense_pipeline.condense import augment
+from condense_pipeline.condense.experts import Experts, load_experts
 from condense_pipeline.condense.networks import ConvNet, seeded_model
 from condense_pipeline.condense.sampling import derive_seed
 from condense_pipeline.errors import UserError
@@ -26,6 +29,7 @@ NEEDS = {"dm": ("emb",), "m3d": ("emb", "rff"), "datadam": ("att", "emb")}
 # Random-feature bases kept per bank (host or device memory): 128 bases at D = 2048, R = 5120.
 RFF_CACHE_BYTES = 2**30
 _RFF_LOCK = threading.Lock()
+TRAINED_FIELDS = ("trained", "experts", "experts_fingerprint")  # BankSpec's, left out when 0
 
 
 @dataclass(frozen=True)
@@ -48,18 +52,34 @@ class BankSpec:
     network: str = "convnet"
     pilot_per_class: int = 0  # M3D: images per class of the bandwidth pilot (0 without rff)
     extra: dict = field(default_factory=dict, compare=False)  # recorded, never compared
+    # probes 0..trained-1 blend one of `experts` experts whose weights have this fingerprint
+    trained: int = 0
+    experts: int = 0
+    experts_fingerprint: str = ""
 
     def __post_init__(self):
         if "rff" in self.statistics and self.rff_dim % len(BANDWIDTH_MULTIPLIERS):
             raise UserError(f"--rff-dim must be a multiple of 5, got {self.rff_dim}")
         if "rff" in self.statistics and self.pilot_per_class < 2:
             raise UserError("the M3D bandwidth pilot needs at least 2 images per class")
+        if self.trained and not (self.experts and self.experts_fingerprint):
+            raise UserError("trained probes need experts: run `condense-pipeline train-probes`")
 
     def to_json(self) -> dict:
         d = asdict(self)
         if not d["pilot_per_class"]:
             del d["pilot_per_class"]  # so banks without M3D keep the fingerprint they had
+        if not self.trained:  # a random bank's bank.json (and fingerprint) as before trained probes
+            for name in TRAINED_FIELDS:
+                del d[name]
         return d
+
+    def trained_probe(self, k: int) -> tuple[int, float]:
+        """(expert, beta) of trained probe k, from (seed, k): theta = beta * theta_init +
+        (1 - beta) * theta_final, beta uniform in [0, 1) as DANCE and NCFM draw it."""
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "trained", k))
+        expert = int(torch.randint(self.experts, (1,), generator=g))
+        return expert, float(torch.rand(1, generator=g, dtype=torch.float64))
 
     @staticmethod
     def from_json(d: dict) -> BankSpec:
@@ -70,11 +90,19 @@ class BankSpec:
 
 
 class ProbeBank:
-    """Builds probe k's network, augmentation and random features from the spec alone."""
+    """Builds probe k's network, augmentation and random features from the spec alone (and, for
+    trained probes, the experts at `experts`: the run directory's experts folder)."""
 
-    def __init__(self, spec: BankSpec, device: str | torch.device = "cpu"):
+    def __init__(
+        self, spec: BankSpec, device: str | torch.device = "cpu", experts: str | None = None
+    ):
         self.spec = spec
         self.device = torch.device(device)
+        self.experts: Experts | None = None
+        if spec.trained:
+            if experts is None:
+                raise UserError("this bank has trained probes: give the experts' folder")
+            self.experts = load_experts(experts, spec.experts, spec.experts_fingerprint)
         self._nets: dict[int, ConvNet] = {}
         self._rff: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # row k * C + c: probe k's transform of class c
@@ -96,8 +124,19 @@ class ProbeBank:
         if k not in self._nets:
             s = self.spec
             net = seeded_model(s.network, derive_seed(s.seed, "net", k), s.channels, s.resolution)
+            if k < s.trained:
+                expert, beta = s.trained_probe(k)
+                weights = self.experts.blend(expert, beta)
+                net.load_state_dict({n: w for n, w in weights.items() if n in net.state_dict()})
             self._nets[k] = net.requires_grad_(False).to(self.device).eval()
         return self._nets[k]
+
+    def expert_classifier(self, e: int) -> torch.nn.Module:
+        """Expert e's trained classifier (frozen), for the calibration loss."""
+        s = self.spec
+        net = seeded_model(s.network, 0, s.channels, s.resolution, s.num_classes)
+        net.load_state_dict(self.experts.final[e])
+        return net.requires_grad_(False).to(self.device).eval()
 
     @property
     def embed_dim(self) -> int:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from condense_pipeline.condense import losses
 from condense_pipeline.condense.bank import ProbeBank, SiameseTable
@@ -22,6 +23,7 @@ from condense_pipeline.condense.networks import ConvNet, attention_map, seeded_m
 from condense_pipeline.condense.sampling import derive_seed
 from condense_pipeline.condense.stats import ClassStats
 from condense_pipeline.config import CondenseConfig
+from condense_pipeline.errors import UserError
 
 Features = list[torch.Tensor]  # per image: [m, D] embedding first, then any attention [m, A_l]
 
@@ -46,6 +48,34 @@ class StepTargets:
 
     features: Callable[[torch.Tensor, torch.Tensor], Features]
     loss: Callable[[Features], torch.Tensor]
+
+
+def calibration_loss(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of grouped logits [G, n, C] against each group's class [G], summed over
+    the classes of the mean over their images (as the matching losses sum class terms), so the
+    value does not depend on how classes are grouped."""
+    G, n, _ = logits.shape
+    target = classes.to(logits.device).repeat_interleave(n)
+    return F.cross_entropy(logits.reshape(G * n, -1), target, reduction="sum") / n
+
+
+def calibrated(t: StepTargets, expert: torch.nn.Module, classes, weight: float) -> StepTargets:
+    """DANCE's and NCFM's calibration: `t`'s loss + weight * the cross-entropy of the synthetic
+    images (decoded, before the probe's augmentation) under a trained expert. The expert's
+    logits ride along as one more per-image feature, so chunking keeps the gradient exact."""
+
+    def features(x, group_labels):
+        return [*t.features(x, group_labels), expert(x)]
+
+    def loss(f):
+        return t.loss(f[:-1]) + weight * calibration_loss(f[-1], classes).float()
+
+    return StepTargets(features, loss)
+
+
+def calibration_expert(num_experts: int, seed: int) -> int:
+    """The expert the calibration uses, from the condensation seed."""
+    return derive_seed(seed, "calibration") % num_experts
 
 
 def probe_order(probes: int, seed: int) -> list[int]:
@@ -128,6 +158,13 @@ class BankTargets:
         self.stats = stats  # already restricted to `classes`
         self.h = None if bandwidths is None else bandwidths[:, self.classes]
         self.order = probe_order(bank.spec.probes, cfg.seed)
+        self.expert = None
+        if cfg.calibration:
+            if bank.experts is None:
+                raise UserError(
+                    "--calibration needs trained probes: rerun stats with --trained-probes"
+                )
+            self.expert = bank.expert_classifier(calibration_expert(len(bank.experts), cfg.seed))
 
     def probe(self, step: int) -> int:
         return scheduled_probe(self.order, step, self.cfg.iters_per_probe)
@@ -146,7 +183,10 @@ class BankTargets:
                 net, bank.augment(k, x, self.classes[group_labels.cpu()]), power
             )
 
-        return StepTargets(features, lambda f: self.method.bank_loss(f, self, k).float())
+        t = StepTargets(features, lambda f: self.method.bank_loss(f, self, k).float())
+        if self.expert is None:
+            return t
+        return calibrated(t, self.expert, self.classes, self.cfg.calibration)
 
 
 class OnlineTargets:

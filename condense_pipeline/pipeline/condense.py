@@ -31,6 +31,7 @@ from safetensors.torch import save as st_save
 from condense_pipeline import storage
 from condense_pipeline.condense.bank import NEEDS, BankSpec, ProbeBank
 from condense_pipeline.condense.device import chunk_size, image_bytes
+from condense_pipeline.condense.experts import experts_dir
 from condense_pipeline.condense.loop import LoopState, condense_loop
 from condense_pipeline.condense.sampling import derive_seed
 from condense_pipeline.condense.synthetic import decode_factor, initial_images
@@ -278,7 +279,7 @@ def condense_group(
     storage.write_json(beat, {"step": -1, "at": time.time()})
     bank_json = read_bank(run_dir)
     spec = BankSpec.from_json(bank_json["spec"])
-    bank = ProbeBank(spec, device)
+    bank = ProbeBank(spec, device, experts_dir(run_dir) if spec.trained else None)
     ckpt = storage.join(out, CHECKPOINT)
     stats = load_stats(run_dir, classes, device)
     if storage.exists(ckpt):

@@ -16,7 +16,7 @@ import torch
 from condense_pipeline.condense.bank import NEEDS
 from condense_pipeline.condense.device import image_bytes
 from condense_pipeline.condense.networks import ConvNet, attention_dims
-from condense_pipeline.config import CondenseConfig, StatsConfig
+from condense_pipeline.config import CondenseConfig, StatsConfig, TrainProbesConfig
 from condense_pipeline.datasets import METHODS, Profile
 from condense_pipeline.pipeline import read
 
@@ -67,6 +67,19 @@ def stats_plan(profile: Profile, cfg: StatsConfig, data: str) -> list[str]:
         f"  accumulator per worker: {size / GiB:.2f} GiB (float64, K*C*(D+R+A))",
         f"  estimated time: {forwards / rate / 60:.1f} min at {rate:.0f} forwards/s "
         "(one worker on this machine; divide by the workers you run)",
+    ]
+
+
+def train_plan(profile: Profile, cfg: TrainProbesConfig, data: str) -> list[str]:
+    """The training stage of trained probes: every expert sees every training image per epoch."""
+    images = int(np.sum(read.load_dataset_info(data)["counts"]))
+    passes = cfg.experts * cfg.epochs * images
+    rate = forward_rate(profile, backward=True)
+    return [
+        f"train-probes plan: {cfg.experts} experts x {cfg.epochs} epochs on {images} images",
+        f"  forwards+backwards: {passes:,}",
+        f"  estimated time: {passes / rate / 60:.1f} min at {rate:.0f} images/s forward+backward "
+        "(one worker on this machine; divide by the workers: one per GPU)",
     ]
 
 

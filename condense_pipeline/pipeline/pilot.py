@@ -87,13 +87,16 @@ def _decoded_only(batch: dict) -> dict:
     return {KEY: batch[KEY][good], LABEL: batch[LABEL][good], IMAGE: batch[IMAGE][good]}
 
 
-def bandwidths(spec: BankSpec, images, labels, plan, timeout: float) -> torch.Tensor:
+def bandwidths(
+    spec: BankSpec, images, labels, plan, timeout: float, experts: str | None = None
+) -> torch.Tensor:
     """The bandwidth pilot as one Ray task (on a GPU where there are GPUs). Ray reruns it when
-    its node is lost; one that has not finished after `timeout` fails the stage."""
+    its node is lost; one that has not finished after `timeout` fails the stage. `experts`: the
+    experts' folder of a bank with trained probes."""
     import ray
 
     task = ray.remote(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus)(_pilot_task)
-    ref = task.remote(spec, images, labels, plan.device, worker_threads(plan))
+    ref = task.remote(spec, images, labels, plan.device, worker_threads(plan), experts)
     try:
         return ray.get(ref, timeout=timeout)
     except ray.exceptions.GetTimeoutError:
@@ -104,6 +107,6 @@ def bandwidths(spec: BankSpec, images, labels, plan, timeout: float) -> torch.Te
         ) from None
 
 
-def _pilot_task(spec: BankSpec, images, labels, device: str, threads: int):
+def _pilot_task(spec: BankSpec, images, labels, device: str, threads: int, experts: str | None):
     torch.set_num_threads(threads)  # it runs before the workers: their CPUs are free
-    return pilot_bandwidths(ProbeBank(spec, device), images, labels)
+    return pilot_bandwidths(ProbeBank(spec, device, experts), images, labels)

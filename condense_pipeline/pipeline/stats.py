@@ -27,6 +27,7 @@ import torch
 
 from condense_pipeline import rejects, storage
 from condense_pipeline.condense.bank import NEEDS, BankSpec, ProbeBank, pilot_size
+from condense_pipeline.condense.experts import EXPERTS_JSON, experts_dir
 from condense_pipeline.condense.numerics import numerics
 from condense_pipeline.condense.sampling import needed
 from condense_pipeline.condense.stats import ClassStats, PendingForwards
@@ -63,8 +64,16 @@ def dataset_fingerprint(info: dict) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def bank_spec(profile: Profile, cfg: StatsConfig) -> BankSpec:
+def bank_spec(profile: Profile, cfg: StatsConfig, experts: dict | None = None) -> BankSpec:
+    """The bank of `cfg`; `experts`: the experts.json its trained probes draw from."""
     needs = sorted({need for m in cfg.methods for need in NEEDS[m]})
+    trained = {}
+    if cfg.trained_probes:
+        trained = dict(
+            trained=cfg.trained_probes,
+            experts=cfg.experts or experts["experts"],
+            experts_fingerprint=experts["fingerprint"],
+        )
     return BankSpec(
         seed=cfg.seed,
         probes=cfg.probes,
@@ -82,7 +91,33 @@ def bank_spec(profile: Profile, cfg: StatsConfig) -> BankSpec:
         pilot_per_class=(cfg.pilot_per_class or pilot_size(cfg.real_per_probe))
         if "rff" in needs
         else 0,
+        **trained,
     )
+
+
+def read_experts(run_dir: str, cfg: StatsConfig, dataset: str) -> dict | None:
+    """The experts.json that `cfg`'s trained probes draw from (None without trained probes),
+    refused when it holds too few experts or experts trained on other data."""
+    if not cfg.trained_probes:
+        return None
+    location = storage.join(experts_dir(run_dir), EXPERTS_JSON)
+    if not storage.exists(location):
+        raise UserError(
+            f"--trained-probes needs experts and {location} does not exist; run "
+            "`condense-pipeline train-probes` with this run directory first"
+        )
+    experts = storage.read_json(location)
+    if experts["dataset"] != dataset:
+        raise UserError(
+            f"the experts in {experts_dir(run_dir)} were trained on other data than these "
+            "shards; rerun train-probes on them"
+        )
+    if cfg.experts > experts["experts"]:
+        raise UserError(
+            f"--experts {cfg.experts} asks for more experts than the {experts['experts']} "
+            "trained; rerun train-probes with --experts"
+        )
+    return experts
 
 
 # -- the worker --------------------------------------------------------------------------------
@@ -98,10 +133,11 @@ class StatsWorker:
         device: str,
         threads: int = 1,
         buffer_mib: int = 512,
+        experts: str | None = None,
     ):
         # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1); the plan may leave it more
         torch.set_num_threads(threads)
-        self.bank = ProbeBank(spec, device)
+        self.bank = ProbeBank(spec, device, experts)
         self.init_pool = init_pool
         self.stats = ClassStats.zeros(self.bank, init_pool)
         self.pending = PendingForwards(
@@ -182,7 +218,8 @@ def _satisfies(old: BankSpec, new: BankSpec) -> list[str]:
     """What keeps existing statistics from serving a new request ([] when they serve it)."""
     a, b = old.to_json(), new.to_json()
     loose = {"statistics", "rff_dim", "attention_power", "extra"}
-    diff = [f"{k}: {a[k]} -> {b[k]}" for k in b if k not in loose and a[k] != b[k]]
+    keys = [k for k in {**a, **b} if k not in loose]  # a random bank's json lacks TRAINED_FIELDS
+    diff = [f"{k}: {a.get(k)} -> {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
     missing = set(new.statistics) - set(old.statistics)
     if missing:
         diff.append(f"lacks {', '.join(sorted(missing))}")
@@ -239,11 +276,12 @@ def run_stats(
     empty = np.nonzero(counts == 0)[0]
     if len(empty):
         raise UserError(f"class {info['classes'][empty[0]]} has no training images in {data}")
-    spec = bank_spec(profile, cfg)
+    dataset = dataset_fingerprint(info)
+    spec = bank_spec(profile, cfg, read_experts(run_dir, cfg, dataset))
     folder = stats_dir(run_dir)
     bank_json = {
         "spec": spec.to_json(),
-        "dataset": dataset_fingerprint(info),
+        "dataset": dataset,
         "init_pool": cfg.init_pool,
     }
     if storage.exists(storage.join(folder, BANK_JSON)):
@@ -258,15 +296,21 @@ def run_stats(
     ensure_ray(address)
     started = time.perf_counter()
     bank_json.update(data=data, profile=profile.name, class_names=info["classes"])
+    if spec.trained:  # what the spec implies, written out for whoever reads bank.json
+        bank_json["trained_probes"] = [
+            dict(zip(("probe", "expert", "beta"), (k, *spec.trained_probe(k))))
+            for k in range(spec.trained)
+        ]
+    experts = experts_dir(run_dir) if spec.trained else None
     storage.write_json(storage.join(folder, BANK_JSON), bank_json)
     units, wanted = _plan(shards, spec, cfg, counts)
     whole = sum(s["samples"] for s in info["shards"])
     commits = Commits(folder, cfg.commit_interval_s, whole, cfg.max_bad_fraction)
     workers = readers = None
     try:
-        bandwidths = _bandwidths(folder, shards, profile, spec, cfg, counts, say)
+        bandwidths = _bandwidths(folder, shards, profile, spec, cfg, counts, say, experts)
         args = (spec, cfg.init_pool, counts, bandwidths)
-        kwargs = {"buffer_mib": cfg.buffer_mib}
+        kwargs = {"buffer_mib": cfg.buffer_mib, "experts": experts}
         workers = Workers(StatsWorker, args, kwargs, cfg.workers, cfg.stall_timeout_s, say)
         depth = max(1, workers.plan.workers) * BLOCKS_PER_WORKER
         readers = Readers(units, profile, wanted, depth)
@@ -367,7 +411,7 @@ def _run_units(units, readers: Readers, workers: Workers, commits: Commits, cfg,
                 ) from None
 
 
-def _bandwidths(folder, shards, profile, spec, cfg, counts, say) -> torch.Tensor | None:
+def _bandwidths(folder, shards, profile, spec, cfg, counts, say, experts) -> torch.Tensor | None:
     """M3D's per (probe, class) bandwidths: from the pilot, computed once and stored."""
     if "rff" not in spec.statistics:
         return None
@@ -377,7 +421,7 @@ def _bandwidths(folder, shards, profile, spec, cfg, counts, say) -> torch.Tensor
     say(f"bandwidth pilot: {spec.pilot_per_class} images per class")
     images, labels = pilot.pilot_images(shards, profile, counts, spec.pilot_per_class, cfg.seed)
     plan = plan_workers(cfg.workers)
-    bandwidths = pilot.bandwidths(spec, images, labels, plan, cfg.stall_timeout_s)
+    bandwidths = pilot.bandwidths(spec, images, labels, plan, cfg.stall_timeout_s, experts)
     _save_tensor(path, bandwidths)
     return bandwidths
 
