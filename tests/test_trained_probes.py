@@ -230,3 +230,19 @@ def test_condense_dataset_with_trained_probes_and_calibration(ray_local, digits,
     folders = os.listdir(os.path.join(work, "condense"))
     config = storage.read_json(os.path.join(work, "condense", folders[0], "config.json"))
     assert config["calibration"] == 1.0
+
+
+def test_the_dry_run_adds_the_training_stage_and_stats_without_experts_fail(shards, tmp_path):
+    from test_cli import cli
+
+    run_dir = str(tmp_path / "run")
+    out = cli(
+        "run", "digits", "--data", shards, "--out", run_dir, "--method", "dm", "--dry-run",
+        "--trained-probes", "5", "--experts", "3", "--expert-epochs", "2",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "3 experts x 2 epochs on 1337 images" in out.stdout
+    assert "forwards+backwards: 8,022" in out.stdout  # every expert sees every image per epoch
+    assert not os.path.exists(run_dir)
+    out = cli("stats", "digits", "--data", shards, "--out", run_dir, "--trained-probes", "5")
+    assert out.returncode == 2 and "run `condense-pipeline train-probes`" in out.stderr
