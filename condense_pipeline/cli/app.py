@@ -189,7 +189,9 @@ def train_probes(
     experts: int = EXPERTS,
     epochs: int = typer.Option(None, help="Epochs per expert (default: the profile's)."),
     resolution: int = typer.Option(None, help="Image size (imagenet: 64 or 128)."),
-    workers: int = typer.Option(None, help="Ray Train workers (default: one per GPU, or one)."),
+    workers: int = typer.Option(
+        None, help="Ray Train workers on GPUs (default: one per GPU; without GPUs: one)."
+    ),
     seed: int = SEED,
     address: str = ADDRESS,
     dry_run: bool = typer.Option(False, help="Print the cost and compute nothing."),
@@ -202,8 +204,7 @@ def train_probes(
     shards = _data(profile, data, TRAIN)
     if dry_run:
         return _dry_run_train(profile, cfg, shards)
-    with _stoppable():
-        s = run_train_probes(profile, shards, out, cfg, address=address, progress=say)
+    s = run_train_probes(profile, shards, out, cfg, address=address, progress=say)
     say(f"experts: {s['trained']} trained, {s['reused']} reused, {s['seconds']} s")
 
 

@@ -29,7 +29,7 @@ from condense_pipeline.condense.experts import (
 )
 from condense_pipeline.config import TrainProbesConfig
 from condense_pipeline.datasets import Profile
-from condense_pipeline.errors import UserError
+from condense_pipeline.errors import Stopped, UserError
 from condense_pipeline.formats import ERROR, IMAGE, KEY, LABEL, TRAIN
 from condense_pipeline.pipeline import read
 from condense_pipeline.pipeline.cluster import ensure_ray
@@ -92,14 +92,12 @@ def run_train_probes(
     say(f"training {len(todo)} of {cfg.experts} experts ({recipe.epochs} epochs each)")
     started = time.perf_counter()
     ensure_ray(address)
-    _fit(
-        recipe,
-        fingerprint,
-        folder,
-        todo,
-        read.read_images(storage.list_shards(data), profile, profile.num_classes),
-        cfg.workers,
-    )
+    dataset = read.read_images(storage.list_shards(data), profile, profile.num_classes)
+    try:
+        _fit(recipe, fingerprint, folder, todo, dataset, cfg.workers)
+    except KeyboardInterrupt:
+        done = sum(expert_done(folder, e, fingerprint) for e in range(cfg.experts))
+        raise Stopped(f"train-probes: {done} of {cfg.experts} experts trained and kept") from None
     missing = [e for e in todo if not expert_done(folder, e, fingerprint)]
     if missing:
         raise UserError(f"experts {missing} were not trained; rerun train-probes to resume")
@@ -120,7 +118,6 @@ def _fit(recipe, fingerprint, folder, todo, dataset, requested) -> None:
         scaling = ray.train.ScalingConfig(num_workers=workers, use_gpu=True)
         threads = 1
     else:  # one worker; one CPU stays free for Ray Data's read tasks, used once they are done
-        workers = 1
         scaling = ray.train.ScalingConfig(
             num_workers=1, resources_per_worker={"CPU": max(1, cpus - 1)}
         )
@@ -132,8 +129,6 @@ def _fit(recipe, fingerprint, folder, todo, dataset, requested) -> None:
         "todo": todo,
         "threads": threads,
     }
-    context = ray.data.DataContext.get_current()
-    bars, context.enable_progress_bars = context.enable_progress_bars, False  # one read, no bars
     with tempfile.TemporaryDirectory() as scratch:  # Ray Train's run folder; nothing kept
         trainer = TorchTrainer(
             _train_loop,
@@ -144,10 +139,7 @@ def _fit(recipe, fingerprint, folder, todo, dataset, requested) -> None:
             dataset_config=ray.train.DataConfig(datasets_to_split=[]),
             run_config=ray.train.RunConfig(name="train-probes", storage_path=scratch),
         )
-        try:
-            trainer.fit()
-        finally:
-            context.enable_progress_bars = bars
+        trainer.fit()
 
 
 def _train_loop(config: dict) -> None:
