@@ -165,6 +165,8 @@ def run(cfg: RunConfig, progress=None) -> RunSummary:
         )
     record["stats"] = summary.stats
     record["condense"] = summary.condense
+    if summary.experts is not None:
+        record["experts"] = summary.experts
     storage.write_json(manifest, record)
     return summary
 

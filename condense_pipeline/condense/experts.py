@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 EXPERTS_DIR = "experts"
 EXPERTS_JSON = "experts.json"
 FINGERPRINT = "fingerprint"  # the safetensors metadata key of both weight files
+PROGRESS_S = 60.0  # a progress line at least this often within an epoch (an ImageNet epoch is long)
 
 
 @dataclass(frozen=True)
@@ -89,10 +91,12 @@ def train_expert(
         weight_decay=recipe.weight_decay,
     )
     generator = torch.Generator().manual_seed(derive_seed(recipe.seed, "expert-batches", e))
+    batches = -(-len(labels) // recipe.batch_size)
+    last = time.monotonic()
     for epoch in range(recipe.epochs):
         order = torch.randperm(len(labels), generator=generator)
         total, seen = 0.0, 0
-        for start in range(0, len(order), recipe.batch_size):
+        for b, start in enumerate(range(0, len(order), recipe.batch_size)):
             idx = order[start : start + recipe.batch_size]
             x = normalise(images[idx].permute(0, 3, 1, 2), recipe.mean, recipe.std)
             with torch.no_grad():
@@ -103,8 +107,13 @@ def train_expert(
             opt.step()
             total += loss.item() * len(idx)
             seen += len(idx)
+            if progress and time.monotonic() - last > PROGRESS_S and b + 1 < batches:
+                where = f"epoch {epoch + 1}/{recipe.epochs} batch {b + 1}/{batches}"
+                progress(f"{where} loss {total / seen:.4f}")
+                last = time.monotonic()
         if progress:
             progress(f"epoch {epoch + 1}/{recipe.epochs} loss {total / seen:.4f}")
+            last = time.monotonic()
     final = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return initial, final
 
