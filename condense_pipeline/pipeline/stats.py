@@ -20,7 +20,7 @@ import functools
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -216,15 +216,17 @@ class StatsResult:
 
 def _satisfies(old: BankSpec, new: BankSpec) -> list[str]:
     """What keeps existing statistics from serving a new request ([] when they serve it)."""
-    a, b = old.to_json(), new.to_json()
-    loose = {"statistics", "rff_dim", "attention_power", "extra"}
-    keys = [k for k in {**a, **b} if k not in loose]  # a random bank's json lacks TRAINED_FIELDS
-    diff = [f"{k}: {a.get(k)} -> {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
+    # every field, also those to_json leaves out at their defaults (trained probes, the pilot)
+    a, b = asdict(old), asdict(new)
+    loose = {"statistics", "rff_dim", "attention_power", "pilot_per_class", "extra"}
+    diff = [f"{k}: {a[k]} -> {b[k]}" for k in b if k not in loose and a[k] != b[k]]
     missing = set(new.statistics) - set(old.statistics)
     if missing:
         diff.append(f"lacks {', '.join(sorted(missing))}")
-    if "rff" in new.statistics and "rff" in old.statistics and old.rff_dim != new.rff_dim:
-        diff.append(f"rff_dim: {old.rff_dim} -> {new.rff_dim}")
+    if "rff" in new.statistics and "rff" in old.statistics:
+        for name in ("rff_dim", "pilot_per_class"):
+            if a[name] != b[name]:
+                diff.append(f"{name}: {a[name]} -> {b[name]}")
     if "att" in new.statistics and "att" in old.statistics:
         if old.attention_power != new.attention_power:
             diff.append(f"attention_power: {old.attention_power} -> {new.attention_power}")
