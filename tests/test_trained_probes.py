@@ -134,7 +134,7 @@ def test_calibration_off_keeps_the_folder_name_and_on_changes_it():
 
 # -- on a local Ray --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
+def shards(ray_local, tmp_path_factory):  # our local Ray first: prepare would start another
     out = str(tmp_path_factory.mktemp("digits"))
     prepare_dataset("digits", None, out, shard_size=150)
     return os.path.join(out, "train")
