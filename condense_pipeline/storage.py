@@ -18,6 +18,7 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -127,18 +128,29 @@ def open_input(location: str):
 
 def write_bytes(location: str, data: bytes) -> None:
     """Write a whole file: temporary name then rename locally, one put on an object store."""
+    write_chunks(location, [data])
+
+
+def write_chunks(location: str, chunks: Iterable) -> int:
+    """Write a file from buffers taken one at a time, as write_bytes does (so a large file is
+    never held whole); returns the bytes written."""
     fs, path = resolve(location)
+    written = 0
     if isinstance(fs, pafs.LocalFileSystem):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                written += f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     else:
         with fs.open_output_stream(path) as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
+                written += memoryview(chunk).nbytes
+    return written
 
 
 def upload_file(local_path: str, location: str) -> None:

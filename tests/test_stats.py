@@ -8,7 +8,13 @@ from condense_pipeline.condense.bank import ProbeBank, pilot_bandwidths
 from condense_pipeline.condense.sampling import EMPTY_HASH, pool_hashes, pool_limit
 from condense_pipeline.condense.stats import ClassStats, PendingForwards, accumulate
 from condense_pipeline.formats import ERROR, IMAGE, KEY, LABEL, SHARD
-from condense_pipeline.pipeline.class_files import concat_classes, load_classes
+from condense_pipeline.pipeline.class_files import (
+    class_file,
+    concat_classes,
+    load_classes,
+    merge,
+    save_groups,
+)
 from condense_pipeline.pipeline.stats import StatsWorker
 
 
@@ -86,6 +92,36 @@ def test_save_load_and_select_round_trip(tmp_path, digits, bank):
     assert back.rejected == stats.rejected and back.pool_keys == stats.pool_keys
     joined = concat_classes([stats.select([0, 1, 2]), stats.select([3, 4])])
     assert torch.equal(joined.rff_sum, stats.select([0, 1, 2, 3, 4]).rff_sum)
+
+
+def test_saved_files_equal_safetensors_own_and_merge_group_by_group(tmp_path, digits, bank):
+    """A statistics file is written a tensor at a time: it must be exactly the file safetensors'
+    save_file writes, and the merge of class-group checkpoints must equal the sum's files."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    images, labels, keys = digits
+    h = pilot_bandwidths(bank, images[:200], torch.from_numpy(labels[:200]))
+    parts = [_accumulate(bank, images[i:200:2], labels[i:200:2], keys[i:200:2], h) for i in (0, 1)]
+    parts[0].rejected = {"s0.tar": {"undecodable image": 2}}
+    parts[0].save(str(tmp_path / "ours.safetensors"))
+    save_file(parts[0].tensors(), str(tmp_path / "theirs.safetensors"))
+    ours = (tmp_path / "ours.safetensors").read_bytes()
+    assert ours == (tmp_path / "theirs.safetensors").read_bytes()
+    with safe_open(str(tmp_path / "ours.safetensors"), framework="pt") as f:
+        for name, t in parts[0].tensors().items():
+            assert torch.equal(f.get_tensor(name), t)
+
+    for i, part in enumerate(parts):
+        assert save_groups(part, str(tmp_path / f"w{i}")) == sum(
+            p.stat().st_size for p in (tmp_path / f"w{i}").iterdir()
+        )
+    merged = merge([str(tmp_path / "w0"), str(tmp_path / "w1")], 10, str(tmp_path / "out"))
+    (parts[0] + parts[1]).save(str(tmp_path / "sum.safetensors"))
+    assert (tmp_path / "out" / class_file(0)).read_bytes() == (
+        tmp_path / "sum.safetensors"
+    ).read_bytes()
+    assert merged.seen.tolist() == np.bincount(labels[:200], minlength=10).tolist()
 
 
 def test_exact_bandwidth_matches_pairwise_distances(bank, digits):

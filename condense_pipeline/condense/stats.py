@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from safetensors.torch import save as st_save
 
 from condense_pipeline import rejects, storage
 from condense_pipeline.condense.bank import ProbeBank, mean_sqdist_from_sums
@@ -127,7 +126,8 @@ class ClassStats:
         return mean_sqdist_from_sums(self.count, self.emb_sum, self.sqnorm_sum)
 
     # -- storage ----------------------------------------------------------------------------
-    def to_bytes(self) -> bytes:
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What a statistics file holds, by name (the sums as they are, on their device)."""
         tensors = {"count": self.count, "sqnorm_sum": self.sqnorm_sum, "seen": self.seen}
         if self.emb_sum is not None:
             tensors["emb_sum"] = self.emb_sum
@@ -135,13 +135,13 @@ class ClassStats:
             tensors["rff_sum"] = self.rff_sum
         for i, a in enumerate(self.att_sum):
             tensors[f"att_sum_{i}"] = a
-        tensors["pool_hash"] = torch.from_numpy(self.pool_hash.view(np.int64).copy())
+        tensors["pool_hash"] = torch.from_numpy(self.pool_hash.view(np.int64))
         tensors["pool_images"] = self.pool_images
         meta = {"rejected": self.rejected, "pool_keys": self.pool_keys}
         tensors["meta_json"] = torch.frombuffer(
             bytearray(json.dumps(meta).encode()), dtype=torch.uint8
         )
-        return st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        return tensors
 
     @staticmethod
     def from_bytes(data: bytearray, device: str | torch.device = "cpu") -> ClassStats:
@@ -163,8 +163,10 @@ class ClassStats:
             pool_keys=meta["pool_keys"],
         )
 
-    def save(self, location: str) -> None:
-        storage.write_bytes(location, self.to_bytes())
+    def save(self, location: str) -> int:
+        """Write the statistics as one safetensors file, a tensor at a time (no copy of the
+        whole file is ever built); returns the bytes written."""
+        return storage.write_chunks(location, _safetensors_chunks(self.tensors()))
 
     @staticmethod
     def load(location: str, device: str | torch.device = "cpu") -> ClassStats:
@@ -172,6 +174,35 @@ class ClassStats:
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "I64": torch.int64, "U8": torch.uint8}
+
+
+# safetensors' own order of dtypes in a file (its save sorts by dtype, then name), kept so that
+# these files equal its save()'s byte for byte.
+_DTYPE_ORDER = ("I64", "F64", "F32", "U8")
+
+
+def _safetensors_chunks(tensors: dict[str, torch.Tensor]):
+    """Yields a safetensors file of `tensors`: its header, then each tensor's bytes in turn (a
+    view of a CPU tensor's memory; a device tensor is copied to the CPU one at a time)."""
+    names = {dtype: name for name, dtype in _DTYPES.items()}
+    order = sorted(tensors, key=lambda k: (_DTYPE_ORDER.index(names[tensors[k].dtype]), k))
+    header, offset = {}, 0
+    for name in order:
+        t = tensors[name]
+        end = offset + t.numel() * t.element_size()
+        header[name] = {
+            "dtype": names[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes with spaces
+    yield len(text).to_bytes(8, "little") + text
+    for name in order:
+        t = tensors[name].detach().cpu().contiguous()
+        if t.numel():
+            yield memoryview(t.numpy()).cast("B")
 
 
 def _tensor_views(data: bytearray) -> dict[str, torch.Tensor]:

@@ -31,9 +31,7 @@ def save_groups(stats: ClassStats, folder: str) -> int:
     written, num_classes = 0, len(stats.seen)
     for start in group_starts(num_classes):
         classes = list(range(start, min(start + CLASSES_PER_FILE, num_classes)))
-        data = stats.select(classes).to_bytes()
-        storage.write_bytes(storage.join(folder, class_file(start)), data)
-        written += len(data)
+        written += stats.select(classes).save(storage.join(folder, class_file(start)))
     return written
 
 
@@ -63,11 +61,12 @@ class Merged:
 
 def merge(folders: list[str], num_classes: int, out: str) -> Merged:
     """Sum the checkpoints in `folders` group by group into the class files of `out`: the
-    driver's peak is about two group files, whatever the classes and the bank."""
+    driver's peak is about two group files (the sum and the part being added; the sum is
+    written from its own memory), whatever the classes and the bank."""
     seen, bandwidths, rejected = [], [], {}
     for start in group_starts(num_classes):
         total = load_group(folders, start)
-        storage.write_bytes(storage.join(out, class_file(start)), total.to_bytes())
+        total.save(storage.join(out, class_file(start)))
         seen.append(total.seen.clone())  # a view would keep the whole file alive
         rejected = total.rejected  # every group file carries the read counts of all the data
         if total.emb_sum is not None:
