@@ -98,3 +98,54 @@ def _processes_of(ray_tmp: str) -> list[int]:
             except OSError:
                 continue
     return pids
+
+
+def test_sigint_stops_condensation_with_the_groups_done_and_a_rerun_resumes(
+    shards, ray_tmp, tmp_path
+):
+    """Bugs caught: a stop during `condense` saying nothing of what was kept, or a count of
+    finished groups that a rerun does not reuse."""
+    from condense_pipeline.pipeline.condense import CHECKPOINT
+
+    run_dir = str(tmp_path / "run")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    stats = [*CLI, "stats", "digits", "--data", shards, "--out", run_dir, "--method", "dm"]
+    made = subprocess.run([*stats, "--probes", "10"], capture_output=True, text=True, env=env)
+    assert made.returncode == 0, made.stderr[-3000:]
+    groups = 4
+    args = [*CLI, "condense", run_dir, "--ipc", "2", "--groups", str(groups)]
+    args += ["--iterations", "1000"]  # a group takes seconds: the stop comes mid-way
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
+    )
+    deadline = time.monotonic() + 300
+    while not _group_folders(run_dir, storage.DONE):  # the first group is finished
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=STOP_S)
+    assert proc.returncode == 130, err[-3000:]
+    done = _group_folders(run_dir, storage.DONE)
+    assert 1 <= len(done) < groups, "the stage must be stopped mid-way"
+    started = [f for f in _group_folders(run_dir, CHECKPOINT) if f not in done]
+    folder = os.path.dirname(done[0])
+    line = f"stopped: condense: {len(done)} of {groups} class groups done ({folder})"
+    line += f", {len(started)} more checkpointed" if started else ""
+    stopped = [line for line in err.splitlines() if line.startswith("stopped")]
+    assert stopped == [line + "; rerun the same command to resume"]
+    assert "Traceback" not in err and "Error" not in err, err[-3000:]
+    assert not _processes_of(ray_tmp)
+
+    rerun = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"({len(done)} already done)" in rerun.stdout
+    assert f"condense: {groups - len(done)} group(s) run, {len(done)} reused" in rerun.stdout
+
+
+def _group_folders(run_dir: str, name: str) -> list[str]:
+    """The condensation group folders of `run_dir` that hold a file `name`."""
+    found = []
+    for root, _, files in os.walk(os.path.join(run_dir, "condense")):
+        if name in files:
+            found.append(root)
+    return sorted(found)

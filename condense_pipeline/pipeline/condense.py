@@ -37,7 +37,7 @@ from condense_pipeline.condense.sampling import derive_seed
 from condense_pipeline.condense.synthetic import decode_factor, initial_images
 from condense_pipeline.condense.targets import BankTargets, OnlineTargets
 from condense_pipeline.config import CondenseConfig, check_pool
-from condense_pipeline.errors import UserError
+from condense_pipeline.errors import Stopped, UserError
 from condense_pipeline.formats import BANK_JSON, CONDENSE_DIR
 from condense_pipeline.pipeline import lineage, read
 from condense_pipeline.pipeline.cluster import ensure_ray, ray_failure
@@ -203,8 +203,10 @@ def run_condense(
                     f"s ({len(pending)} of {len(groups)} groups unfinished); check that the "
                     "cluster has room for the group tasks"
                 )
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM
+        raise Stopped(f"condense: {_committed(folder, groups, bank_json)}") from None
     finally:
-        for ref in pending:  # a failed stage leaves no tasks behind
+        for ref in pending:  # a failed or stopped stage leaves no tasks behind
             ray.cancel(ref, force=True)
     images, labels, history = [], [], []
     for g, group in enumerate(groups):
@@ -215,6 +217,19 @@ def run_condense(
     return CondenseResult(
         folder, torch.cat(images), torch.cat(labels), history, len(todo), skipped, retries
     )
+
+
+def _committed(folder: str, groups: list[list[int]], bank_json: dict) -> str:
+    """What a rerun keeps, read from the groups' folders (a group may finish after the driver
+    last looked): the finished groups, and the unfinished ones with a checkpoint."""
+    done = [lineage.group_current(group_dir(folder, group), bank_json) for group in groups]
+    started = sum(
+        storage.exists(storage.join(group_dir(folder, group), CHECKPOINT))
+        for group, finished in zip(groups, done)
+        if not finished
+    )
+    line = f"{sum(done)} of {len(groups)} class groups done ({folder})"
+    return line + (f", {started} more checkpointed" if started else "")
 
 
 def group_dir(folder: str, classes: list[int]) -> str:
