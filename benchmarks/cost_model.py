@@ -7,13 +7,16 @@ Measured on this machine (CPU; times are the fastest of several repeats, since o
 add time): probe forwards per second of ConvNet-D4 at 64 px (one thread, as a num_cpus=1 Ray
 actor gets), forward+backward images per second and the memory one image's forward+backward
 holds, JPEG decode to 64 px of an ImageNet-sized image, building the imagenet profile's probe
-bank, `accumulate`'s per-batch cost outside the forwards (key hashes and the init pool) at 1000
-classes, and the driver's peak memory while it merges workers' checkpoints. Computed: FLOPs and
-activation bytes per forward from the architecture, accumulator and storage sizes from the
-DESIGN.md section 3 formula (the function `--dry-run` uses). Estimated, not measured: GPU times,
-from a roofline of the FLOPs at --assumed-tflops and the activation traffic at --assumed-gbs.
-It also writes a dataset.json with ImageNet-1K's size into --dry-run-data, so that
-`condense-pipeline run imagenet --ipc 10 --dry-run --data DIR` prints the plan without the data.
+bank, and `accumulate`'s per-batch cost outside the forwards (key hashes and the init pool) at
+1000 classes. Computed: FLOPs and activation bytes per forward from the architecture, accumulator
+and storage sizes from the DESIGN.md section 3 formula (the function `--dry-run` uses), the
+driver's merge peak as 2 class files (the sum and the part being added, measured by
+benchmarks/merge_peak.py) and the checkpoint bytes of a pass as commits x workers x (accumulator
++ pool), with a commit every --commit-interval seconds and one after the last unit. Estimated,
+not measured: GPU times, from a roofline of the FLOPs at --assumed-tflops and the activation
+traffic at --assumed-gbs. It also writes a dataset.json with ImageNet-1K's size into
+--dry-run-data, so that `condense-pipeline run imagenet --ipc 10 --dry-run --data DIR` prints the
+plan without the data.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import argparse
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,7 +36,6 @@ import torch
 GiB, MiB = 2**30, 2**20
 IMAGENET_TRAIN = 1_281_167
 IMAGENET_CLASSES = 1000
-IMAGENET_SHARDS = 1024  # train-{000000..001023}.tar, as DESIGN.md section 1 names them
 
 
 def conv_flops_and_bytes(resolution: int, depth: int, channels: int = 3, width: int = 128):
@@ -180,59 +181,6 @@ def accumulate_overhead(init_pool: int, batch: int = 512) -> float:
     return min(seconds[1:])
 
 
-def write_checkpoints(folder: str, probes: int, workers: int = 2) -> int:
-    """Worker checkpoints as the stats pass leaves them (dm, 1000 classes, init pool 10), with
-    every value written so that every page is real; returns the size of one in bytes."""
-    from condense_pipeline.condense.bank import ProbeBank
-    from condense_pipeline.condense.stats import ClassStats
-    from condense_pipeline.config import stats_config
-    from condense_pipeline.datasets import get_profile
-    from condense_pipeline.pipeline.stats import bank_spec
-
-    profile = get_profile("imagenet")
-    bank = ProbeBank(bank_spec(profile, stats_config(profile, ("dm",), probes=probes)))
-    os.makedirs(folder, exist_ok=True)
-    for w in range(workers):
-        stats = ClassStats.zeros(bank, 10)
-        stats.emb_sum.normal_()
-        stats.count.fill_(3.0)
-        stats.pool_images.random_(0, 256)
-        stats.pool_hash[:] = np.arange(stats.pool_hash.size, dtype=np.uint64).reshape(-1, 10)
-        stats.save(os.path.join(folder, f"w{w}.safetensors"))
-    return os.path.getsize(os.path.join(folder, "w0.safetensors"))
-
-
-def merge_child(folder: str) -> None:
-    """The end of run_stats (pipeline/stats.py): load every worker's checkpoint, add them up,
-    then save per 100 classes; prints the memory that took above the process's baseline."""
-    from condense_pipeline.condense.stats import ClassStats
-
-    base = peak_rss()
-    total = None
-    for name in sorted(f for f in os.listdir(folder) if f.startswith("w")):
-        part = ClassStats.load(os.path.join(folder, name))
-        total = part if total is None else total + part
-    for start in range(0, IMAGENET_CLASSES, 100):
-        total.select(list(range(start, start + 100))).save(os.path.join(folder, f"c{start}"))
-    print(peak_rss() - base)
-
-
-def merge_peak(probes: int, workers: int = 2) -> dict:
-    folder = os.path.join(tempfile.gettempdir(), "condense-pipeline-bench", "merge")
-    size = write_checkpoints(folder, probes, workers)
-    cmd = [sys.executable, __file__, "--merge-child", folder]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    peak = float(out.stdout.strip().splitlines()[-1])
-    shutil.rmtree(folder)
-    return {
-        "probes": probes,
-        "workers": workers,
-        "checkpoint_mib": size / MiB,
-        "merge_peak_mib": peak / MiB,
-        "peak_per_checkpoint": peak / size,
-    }
-
-
 def hash_seconds(batch: int = 512, probes: int = 100) -> float:
     """Seconds per batch of the two keyed hashes per key and the K membership draws, the part of
     `accumulate`'s overhead that does not depend on the classes."""
@@ -242,8 +190,9 @@ def hash_seconds(batch: int = 512, probes: int = 100) -> float:
     return timed(lambda: (probe_uniforms(key_hashes(keys, 0), probes), pool_hashes(keys, 0)), 5)
 
 
-def sizes(units: int, workers: int) -> list[dict]:
-    """Accumulator, init pool and storage per method for the imagenet profile (64 and 128 px)."""
+def sizes(commits: int, workers: int) -> list[dict]:
+    """Accumulator, init pool and storage per method for the imagenet profile (64 and 128 px):
+    the merge holds two class files; each commit writes every worker's accumulator and pool."""
     from condense_pipeline.condense.bank import NEEDS
     from condense_pipeline.config import PRESETS, init_images
     from condense_pipeline.datasets import METHODS, get_profile
@@ -266,7 +215,8 @@ def sizes(units: int, workers: int) -> list[dict]:
                     "accumulator_gib": acc / GiB,
                     "pool_gib": pool / GiB,
                     "per_100_class_file_gib": (acc + pool) / GiB / 10,
-                    "checkpoints_written_tib": units * workers * (acc + pool) / 2**40,
+                    "driver_merge_peak_gib": 2 * (acc + pool) / GiB / 10,
+                    "checkpoints_written_gib": commits * workers * (acc + pool) / GiB,
                 }
             )
     return rows
@@ -302,16 +252,14 @@ def main() -> None:
     parser.add_argument("--assumed-tflops", type=float, default=100.0, help="GPU, effective")
     parser.add_argument("--assumed-gbs", type=float, default=2000.0, help="GPU, effective GB/s")
     parser.add_argument("--gpus", type=int, default=8, help="stats workers for the estimates")
-    parser.add_argument("--merge-probes", type=int, default=25, help="K of the merge measurement")
-    parser.add_argument("--merge-child", help=argparse.SUPPRESS)
+    parser.add_argument("--pass-minutes", type=float, default=10.0, help="for the commits")
+    parser.add_argument("--commit-interval", type=float, default=300.0, help="s, as in `stats`")
     parser.add_argument("--activation-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument(
         "--dry-run-data",
         default=os.path.join(tempfile.gettempdir(), "condense-pipeline-bench", "imagenet-sizes"),
     )
     args = parser.parse_args()
-    if args.merge_child:
-        return merge_child(args.merge_child)
     if args.activation_child:
         return activation_child(args.activation_child)
 
@@ -333,13 +281,11 @@ def main() -> None:
             "pool_1": accumulate_overhead(1),
             "pool_40": accumulate_overhead(40),
         },
-        "merge": merge_peak(args.merge_probes),
     }
     print("measured on this machine:")
     print(json.dumps(measured, indent=2))
 
     forwards = K * M * IMAGENET_CLASSES  # every ImageNet class has more than M = 256 images
-    units = -(-IMAGENET_SHARDS // 8)
     one = measured["rates_1_thread"]
     print(f"\nstats pass: K={K} x M={M} x {IMAGENET_CLASSES} classes = {forwards:,} forwards")
     print(f"  per image: {forwards / IMAGENET_TRAIN:.1f} forwards on average; every image decoded")
@@ -370,9 +316,10 @@ def main() -> None:
             f"{per_step * measured['activation_mib_per_image'] / 1024:.0f} GiB (fp32)"
         )
 
-    print(f"\nsizes (K={K}, R={profile.rff_dim}, IPC 10 init pool; {units} units of 8 shards, ")
-    print(f"  {args.gpus} workers each writing a full checkpoint per unit):")
-    for row in sizes(units, args.gpus):
+    commits = int(args.pass_minutes * 60 // args.commit_interval) + 1  # and one after the last
+    print(f"\nsizes (K={K}, R={profile.rff_dim}, IPC 10 init pool; a {args.pass_minutes:g}-minute")
+    print(f"  pass commits {commits} times, each time {args.gpus} workers' accumulators):")
+    for row in sizes(commits, args.gpus):
         print(
             "  "
             + json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()})
