@@ -37,7 +37,7 @@ def seconds_per_step(targets, bank: ProbeBank, cfg) -> float:
     """Median seconds of cfg.steps - WARMUP steps of condense_loop from a noise start."""
     g = torch.Generator().manual_seed(0)
     pools = [torch.zeros(0, 32, 32, 3, dtype=torch.uint8)] * len(CLASSES)
-    images = initial_images(pools, CLASSES, cfg.ipc, cfg.factor, "noise", bank.normalize, g)
+    images = initial_images(pools, cfg.ipc, cfg.factor, "noise", bank.normalize, g)
     state = LoopState(0, images, torch.zeros_like(images))
     state = condense_loop(state, targets, cfg, bank, log_every=1)
     times = [h["seconds"] for h in state.history]

@@ -32,9 +32,7 @@ def bank_and_stats(digits):
 def _init(bank, stats, classes, cfg):
     sel = stats.select(classes)
     pools = [sel.pool(i)[0] for i in range(len(classes))]
-    init = initial_images(
-        pools, classes, cfg.ipc, cfg.factor, cfg.init, bank.normalize, torch.Generator()
-    )
+    init = initial_images(pools, cfg.ipc, cfg.factor, cfg.init, bank.normalize, torch.Generator())
     return LoopState(0, init, torch.zeros_like(init))
 
 
@@ -173,7 +171,6 @@ def _online(digits, classes, cfg, chunk=None):
     real = [images[labels == c] for c in classes]
     init = initial_images(
         [r[:4] for r in real],
-        classes,
         cfg.ipc,
         cfg.factor,
         cfg.init,

@@ -27,16 +27,15 @@ def decode_factor(x: torch.Tensor, factor: int) -> torch.Tensor:
 
 def initial_images(
     pools: list[torch.Tensor],
-    classes: list[int],
     ipc: int,
     factor: int,
     init: str,
     normalize,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """Synthetic images [G * ipc, C, H, W] in normalised space, ordered by class.
+    """Synthetic images [G * ipc, C, H, W] in normalised space, in the order of `pools`.
 
-    pools[i]: uint8 [P, H, W, ch] real images of classes[i], smallest key hash first;
+    pools[i]: uint8 [P, H, W, ch] real images of the i-th class, smallest key hash first;
     normalize: uint8 [n, H, W, ch] -> float [n, C, H, W].
     """
     need = init_images(ipc, factor, init)  # config.check_pool has made sure each pool has it

@@ -303,9 +303,9 @@ def condense_group(
     else:
         generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "init", g, *classes))
         pools = [stats.pool(i)[0] for i in range(len(classes))]
-        init = initial_images(
-            pools, classes, cfg.ipc, cfg.factor, cfg.init, bank.normalize, generator
-        ).to(device)
+        init = initial_images(pools, cfg.ipc, cfg.factor, cfg.init, bank.normalize, generator).to(
+            device
+        )
         init = torch.maximum(torch.minimum(init, bank.pixel_high), bank.pixel_low)
         state = LoopState(0, init, torch.zeros_like(init))
     if cfg.targets == "bank":
