@@ -23,7 +23,12 @@ import numpy as np
 import torch
 
 from condense_pipeline.condense.bank import ProbeBank
-from condense_pipeline.condense.stats import ClassStats, PendingForwards, accumulate
+from condense_pipeline.condense.stats import (
+    HELD_PER_PROBE,
+    ClassStats,
+    PendingForwards,
+    accumulate,
+)
 from condense_pipeline.config import stats_config
 from condense_pipeline.datasets import get_profile
 from condense_pipeline.pipeline.stats import bank_spec
@@ -61,7 +66,13 @@ def one(method: str, probes: int, held: bool, images, labels, keys, args) -> dic
     h = torch.ones(probes, 10, dtype=torch.float64) if method == "m3d" else None
     counts = np.full(10, N_C)
     stats = ClassStats.zeros(bank, 0)
-    pending = PendingForwards(bank, counts, h, capacity_bytes=cfg.buffer_mib * 2**20)
+    pending = PendingForwards(  # a CPU worker's limits
+        bank,
+        counts,
+        h,
+        capacity_bytes=cfg.buffer_mib * 2**20,
+        capacity_forwards=HELD_PER_PROBE["cpu"] * probes,
+    )
     forwards, started = 0, time.perf_counter()
     for i in range(0, len(labels), BATCH):
         b = slice(i, i + BATCH)

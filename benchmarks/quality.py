@@ -25,6 +25,14 @@ the whole test split, each random-real run its own subset), so the whole table i
 
 (hours on a 2-core CPU; `--mnist-probes`, `--mnist-runs` and `--mnist-epochs` cut it).
 
+Part `preset` (issue 16): M3D's preset chosen on validation. At every IPC, m3d with each setting
+of `--grid` (condense overrides: factor, lr, init, steps, iters_per_probe), scored on the
+validation split, and the best one on the test split; the statistics are the steps part's:
+
+    .venv/bin/python benchmarks/quality.py --work /tmp/quality --json /tmp/quality/preset.json \
+        --datasets digits --parts preset --ipcs 1,10 --methods m3d \
+        --grid "factor=1,lr=1;factor=1,lr=10;factor=1,lr=100;factor=2,lr=10"
+
 The parts can run as separate processes on separate JSON files (`--datasets`, `--parts`,
 `--json`); `--tables-only` prints the tables of a JSON file without running anything.
 
@@ -220,6 +228,9 @@ def condense_and_evaluate(
         "probes": probes,
         "real_per_probe": real_per_probe,
         "steps": cond.steps,
+        "factor": cond.factor,
+        "lr": cond.lr,
+        "init": cond.init,
         "condensed": report["condensed"],
         "stats_pass_s": summary.stats["seconds"],
         "stats_reused": summary.stats["reused"],
@@ -358,6 +369,39 @@ def steps_part(s: Setting, results: Results, methods: list[str], points: list[in
         results.get_or_run(f"random/{s.name}/ipc{ipc}", random_baseline, s, run_dir, ipc)
 
 
+def preset_part(s: Setting, results: Results, methods: list[str], grid: list[dict]) -> None:
+    """M3D's preset: at every IPC, m3d condensed with each setting of `grid` (factor, lr, init,
+    steps, ...: condense_config's overrides) and scored on the validation split; the best
+    setting is then scored on the test split (chosen on validation, never on test). The
+    statistics are the steps part's (the same `methods`), so one pass serves both parts."""
+    b = s.budget
+    run_dir = os.path.join(s.work, "runs", f"{s.name}-K{b.probes}-M{b.real_per_probe}")
+    for ipc in s.ipcs:
+        rows = {}
+        for setting in grid:
+            name = ",".join(f"{k}={v}" for k, v in setting.items())
+            args = (s, "m3d", ipc, run_dir, b.probes, b.real_per_probe, tuple(methods))
+            key = f"preset/{s.name}/ipc{ipc}/m3d/{name}/{VALIDATION}"
+            rows[name] = results.get_or_run(
+                key, condense_and_evaluate, *args, VALIDATION, **setting
+            )
+        best = max(rows, key=lambda n: rows[n]["condensed"]["mean"])
+        say(f"preset: {best} is best on validation at IPC {ipc}")
+        setting = grid[list(rows).index(best)]
+        key = f"preset/{s.name}/ipc{ipc}/m3d/{best}/{TEST}"
+        results.get_or_run(key, condense_and_evaluate, *args, TEST, **setting)
+
+
+def parse_grid(spec: str) -> list[dict]:
+    """'factor=1,lr=10;factor=2,init=mix' -> [{'factor': 1, 'lr': 10.0}, {...}]."""
+    kinds = {"factor": int, "steps": int, "iters_per_probe": int, "lr": float}
+    grid = []
+    for part in spec.split(";"):
+        pairs = [kv.split("=") for kv in part.split(",")]
+        grid.append({k: kinds.get(k, str)(v) for k, v in pairs})
+    return grid
+
+
 # -- tables ------------------------------------------------------------------------------------
 def pct(d: dict | None) -> str:
     return "–" if d is None else f"{d['mean']:.2f} ± {d['std']:.2f}"
@@ -383,6 +427,7 @@ def print_tables(results: Results) -> None:
                 f"{r['eval_s']:.1f} |"
             )
     print_steps_table(rows)
+    print_preset_table(rows)
     other = [r for key, r in rows.items() if key.startswith(("online/", "sweep/", "chosen/"))]
     if not other:
         return
@@ -425,6 +470,25 @@ def print_steps_table(rows: dict) -> None:
         )
 
 
+def print_preset_table(rows: dict) -> None:
+    """The preset part: one line per (dataset, IPC, setting, split), with its budget."""
+    preset = [r for key, r in rows.items() if key.startswith("preset/")]
+    if not preset:
+        return
+    say(
+        "\n| dataset | method | IPC | factor | lr | init | steps | K | M | eval epochs | runs "
+        "| tested on | condensed % |"
+    )
+    say("|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|")
+    for r in preset:
+        b = r["budget"]
+        say(
+            f"| {r['dataset']} | {r['method']} | {r['ipc']} | {r['factor']} | {r['lr']:g} | "
+            f"{r['init']} | {r['steps']} | {r['probes']} | {r['real_per_probe']} | "
+            f"{b['epochs']} | {b['runs']} | {r['split']} | {pct(r['condensed'])} |"
+        )
+
+
 # -- entry -------------------------------------------------------------------------------------
 def parse_points(spec: str) -> list[tuple[int, int | None]]:
     """'10x64,50x256,20xall' -> [(10, 64), (50, 256), (20, None)]."""
@@ -440,7 +504,9 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/quality", help="data, cache and run directories")
     parser.add_argument("--json", default=None, help="results file (default: WORK/results.json)")
     parser.add_argument("--datasets", default="digits,mnist")
-    parser.add_argument("--parts", default="main,online,sweep", help="main,online,sweep,steps")
+    parser.add_argument(
+        "--parts", default="main,online,sweep", help="main,online,sweep,steps,preset"
+    )
     parser.add_argument(
         "--protocol",
         choices=("reduced", "common"),
@@ -457,6 +523,11 @@ def main() -> None:
     parser.add_argument("--mnist-runs", type=int, default=None)
     parser.add_argument("--online-batch", default="16,64", help="real images/class/step, ...")
     parser.add_argument("--sweep", default="200x16,10x256,10x64,50x16", help="KxM,...")
+    parser.add_argument(
+        "--grid",
+        default="factor=1,lr=1;factor=1,lr=10;factor=1,lr=100;factor=2,lr=10",
+        help="the preset part's m3d settings: k=v,...;k=v,...",
+    )
     parser.add_argument("--tables-only", action="store_true", help="print the JSON's tables")
     args = parser.parse_args()
 
@@ -502,6 +573,8 @@ def main() -> None:
             sweep_part(s, results, parse_points(args.sweep))
         if "steps" in parts:
             steps_part(s, results, args.methods.split(","), points)
+        if "preset" in parts:
+            preset_part(s, results, args.methods.split(","), parse_grid(args.grid))
     say(f"\nwall time of this invocation: {time.perf_counter() - started:.0f} s")
     print_tables(results)
 

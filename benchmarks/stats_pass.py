@@ -6,8 +6,8 @@ probe forwards of one worker's accumulator, on a synthetic 32 px 10-class datase
 Per dataset size: random uint8 images (cifar10 profile) are prepared into shards, then a child
 process starts Ray (not timed), runs `run_stats` (timed) while sampling the RSS of every
 "StatsWorker" process every 0.5 s, and then, in the same process, adds the same images held in
-memory to one accumulator as a worker does (PendingForwards, the worker's buffer, flushed at the
-end), with the torch threads a worker gets (CPUs / workers).
+memory to one accumulator as a worker does (PendingForwards with the worker's limits, flushed at
+the end), with the torch threads a worker gets (CPUs / workers).
 "pass f/s" is probe forwards per second of the whole pass, "bare f/s" that of the bare loop;
 ratio = pass / bare (the target is >= 0.85 per worker; the table gives the worker count);
 "start s" is the time until the stats workers are ready (Ray Data's read tasks start meanwhile),
@@ -76,7 +76,7 @@ def child(args) -> None:
     import torch
 
     from condense_pipeline.condense.bank import ProbeBank
-    from condense_pipeline.condense.stats import ClassStats, PendingForwards
+    from condense_pipeline.condense.stats import HELD_PER_PROBE, ClassStats, PendingForwards
     from condense_pipeline.config import stats_config
     from condense_pipeline.datasets import get_profile
     from condense_pipeline.pipeline.stats import bank_spec, run_stats
@@ -121,7 +121,14 @@ def child(args) -> None:
     counts = np.bincount(labels, minlength=10)
     bank = ProbeBank(bank_spec(profile, cfg))
     stats = ClassStats.zeros(bank, cfg.init_pool)
-    pending = PendingForwards(bank, counts, None, cfg.attention_power, cfg.buffer_mib * 2**20)
+    pending = PendingForwards(
+        bank,
+        counts,
+        None,
+        cfg.attention_power,
+        capacity_bytes=cfg.buffer_mib * 2**20,
+        capacity_forwards=HELD_PER_PROBE["cpu"] * cfg.probes,
+    )
     bank.network(0)  # build outside the clock, like the worker's constructor does for its bank
     bare_forwards, started = 0, time.perf_counter()
     for i in range(0, len(labels), cfg.batch_size):

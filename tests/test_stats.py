@@ -1,6 +1,7 @@
 """ClassStats: sums that merge exactly, a bottom-k init pool, safetensors round trip."""
 
 import numpy as np
+import pytest
 import torch
 from conftest import small_spec
 
@@ -145,16 +146,18 @@ def _assert_same_stats(a, b, tol):
     assert a.pool_keys == b.pool_keys and torch.equal(a.pool_images, b.pool_images)
 
 
-def test_held_images_forwarded_probe_by_probe_equal_batch_by_batch(digits):
-    """A worker holds images and forwards them probe-major at each flush; the statistics are
-    those of adding every batch at once (only the forwards' batch composition differs)."""
+@pytest.mark.parametrize("limit", ["capacity_bytes", "capacity_forwards"])
+def test_held_images_forwarded_probe_by_probe_equal_batch_by_batch(digits, limit):
+    """A worker holds images and forwards them probe-major at each flush (its buffer full in
+    bytes, or in forwards); the statistics are those of adding every batch at once (only the
+    forwards' batch composition differs)."""
     images, labels, keys = digits
     bank = ProbeBank(small_spec(real_per_probe=20, probes=8))
     h = pilot_bandwidths(bank, images[:400], torch.from_numpy(labels[:400]))
     counts = np.bincount(labels, minlength=10)
     batch_by_batch, held = ClassStats.zeros(bank, 12), ClassStats.zeros(bank, 12)
-    capacity = 20_000  # bytes: several flushes over the 1797 images
-    pending = PendingForwards(bank, counts, h, capacity_bytes=capacity)
+    capacity = {"capacity_bytes": 20_000, "capacity_forwards": 300}[limit]  # several flushes
+    pending = PendingForwards(bank, counts, h, **{limit: capacity})
     forwards, due, flushes = 0, 0, 0
     for i in range(0, len(labels), 64):
         b = slice(i, i + 64)
@@ -163,7 +166,7 @@ def test_held_images_forwarded_probe_by_probe_equal_batch_by_batch(digits):
         if pending.full:  # what a worker does with a full buffer
             pending.flush(held)
             flushes += 1
-        assert pending.nbytes < capacity
+        assert (pending.nbytes if limit == "capacity_bytes" else pending.forwards) < capacity
     assert flushes >= 3 and pending.held > 0
     assert due == forwards and held.count.sum() < forwards  # the held ones are not counted yet
     pending.flush(held)

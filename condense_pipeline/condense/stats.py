@@ -228,6 +228,15 @@ def _tensor_views(data: bytearray) -> dict[str, torch.Tensor]:
 # forward holds (DataDAM keeps every block's activations), as the batch size did before.
 FORWARD_CHUNK = 512
 
+# A stats worker flushes once the images it holds are due this many forwards per probe (on
+# average), so that the forwards overlap the reading of the rest of the data instead of all
+# waiting for the commit (at 100k images and K = 10 they waited: 0.48 of the bare forward rate,
+# 0.71 batch by batch), while each probe's network still runs on hundreds of images at a time
+# and M3D draws a basis once per few hundred forwards of a probe (a few % of them on a CPU). On
+# a GPU the forwards are quick next to the reading and a basis costs as much as thousands of
+# forwards, so a GPU worker holds more.
+HELD_PER_PROBE = {"cpu": 256, "cuda": 4096}
+
 
 def accumulate(
     stats: ClassStats,
@@ -259,11 +268,11 @@ class PendingForwards:
     each probe's network runs on a few large chunks and M3D draws its random-feature basis once
     per probe, whatever K. (Batch by batch, K = 100 at M = 32 on MNIST gave each probe about 3
     images of a 512-image batch and redrew about 100 bases per batch.) The holder is `full` once
-    the held images and pairs reach `capacity_bytes` (None: never); whoever adds flushes then,
-    which bounds the memory whatever K and C. A flush can go in pieces of bounded time
-    (`seconds`), so that a worker answers its driver every few seconds however large the flush:
-    what it has started stays queued for the next call, and what is added meanwhile waits for
-    the flush after.
+    the held images and pairs reach `capacity_bytes`, or their forwards `capacity_forwards`
+    (None: no limit); whoever adds flushes then, which bounds the memory whatever K and C. A
+    flush can go in pieces of bounded time (`seconds`), so that a worker answers its driver
+    every few seconds however large the flush: what it has started stays queued for the next
+    call, and what is added meanwhile waits for the flush after.
     Whoever saves the statistics must flush first, or the checkpoint misses the held images.
     The probe order alternates between flushes, so that the bases the last flush ended with are
     still in the bank's cache when the next one starts.
@@ -276,12 +285,14 @@ class PendingForwards:
         bandwidths: torch.Tensor | None = None,
         attention_power: float = 1.0,
         capacity_bytes: int | None = None,
+        capacity_forwards: int | None = None,
         chunk: int = FORWARD_CHUNK,
         draw_ahead: bool | None = None,
     ):
         self.bank, self.counts, self.bandwidths = bank, np.asarray(class_counts), bandwidths
         self.attention_power = attention_power
-        self.capacity_bytes, self.chunk = capacity_bytes, chunk
+        self.capacity_bytes, self.capacity_forwards = capacity_bytes, capacity_forwards
+        self.chunk = chunk
         # On a GPU the next probe's basis is drawn on a CPU thread while this probe's forwards
         # run; on a CPU that thread would only take cores from the forwards.
         self.draw_ahead = bank.device.type == "cuda" if draw_ahead is None else draw_ahead
@@ -303,7 +314,9 @@ class PendingForwards:
 
     @property
     def full(self) -> bool:
-        return self.capacity_bytes is not None and self.nbytes >= self.capacity_bytes
+        by_bytes = self.capacity_bytes is not None and self.nbytes >= self.capacity_bytes
+        by_forwards = self.capacity_forwards is not None and self.forwards >= self.capacity_forwards
+        return by_bytes or by_forwards
 
     @property
     def flushing(self) -> bool:

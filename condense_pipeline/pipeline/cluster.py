@@ -8,6 +8,8 @@ import signal
 import threading
 from dataclasses import dataclass
 
+from condense_pipeline.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -41,23 +43,42 @@ class WorkerPlan:
     workers: int
     num_cpus: float
     num_gpus: float
+    busy_gpus: int = 0  # GPUs something else held when the plan was made, left to it
 
     @property
     def device(self) -> str:
         return "cuda" if self.num_gpus else "cpu"
 
 
-def plan_workers(requested: int | None = None) -> WorkerPlan:
-    """One worker per GPU where there are GPUs; otherwise one per CPU but one, so that Ray Data's
-    read and decode tasks always have a CPU (an actor pool holding every CPU deadlocks the read,
-    ray#44687)."""
+def busy_gpus() -> int:
+    """GPUs of the cluster that something holds now. At a stage's start that is what is not
+    ours: a driver submitted with `ray job submit --entrypoint-num-gpus 1` holds one, and a
+    worker planned on it would never start."""
+    import ray
+
+    held = ray.cluster_resources().get("GPU", 0) - ray.available_resources().get("GPU", 0)
+    return max(0, round(held))
+
+
+def plan_workers(requested: int | None = None, busy: int | None = None) -> WorkerPlan:
+    """One worker per free GPU where there are GPUs; otherwise one per CPU but one, so that Ray
+    Data's read and decode tasks always have a CPU (an actor pool holding every CPU deadlocks
+    the read, ray#44687). `busy`: the GPUs to leave (None: those held now); a plan made again
+    after a lost node passes the first plan's, since the workers it just killed may still
+    count as held."""
     import ray
 
     res = ray.cluster_resources()
     cpus, gpus = int(res.get("CPU", 1)), int(res.get("GPU", 0))
     if gpus:
-        n = min(requested or gpus, gpus)
-        return WorkerPlan(n, num_cpus=1, num_gpus=1)
+        busy = busy_gpus() if busy is None else busy
+        if busy >= gpus:
+            raise UserError(
+                f"all {gpus} GPU(s) of the cluster are held by something else (a driver "
+                "submitted with --entrypoint-num-gpus?): no stats worker could start"
+            )
+        n = min(requested or gpus - busy, gpus - busy)
+        return WorkerPlan(n, num_cpus=1, num_gpus=1, busy_gpus=busy)
     n = max(1, min(requested or cpus - 1, cpus - 1))
     return WorkerPlan(n, num_cpus=1, num_gpus=0)
 

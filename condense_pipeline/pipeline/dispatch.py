@@ -69,7 +69,8 @@ class Workers:
         """Drop the workers and their uncommitted work; the next start sizes them anew."""
         _wait_for_verdicts(self.actors, self.timeout)
         self.stop()
-        self.plan = plan_workers(self.requested)  # from what is left after a lost node
+        # from what is left after a lost node
+        self.plan = plan_workers(self.requested, self.plan.busy_gpus)
 
     def stop(self) -> None:
         import ray
@@ -134,10 +135,8 @@ def feed(workers, blocks: queue.Queue, batch_size: int, stall_timeout_s: float) 
                     result = ray.get(ref)
                 except RayError as e:
                     raise UnitFailed(f"a worker died or failed: {ray_failure(e)}") from e
-                if isinstance(result, tuple):  # consume: (forwards, flushing)
-                    forwards, flushing = forwards + result[0], result[1]
-                else:  # flush: flushing
-                    flushing = result
+                added, flushing = result  # consume and flush answer alike
+                forwards += added
                 if flushing:
                     calls[workers[i].flush.remote(FLUSH_CALL_S)] = i
                 else:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import heapq
 import math
+import queue
+import threading
 
 import numpy as np
 import torch
@@ -29,13 +31,16 @@ def pilot_prefix(n_shards: int, counts, want) -> int:
     return min(n_shards, max(1, math.ceil(fraction * n_shards)))
 
 
-def pilot_images(shards: list[str], profile: Profile, counts, per_class: int, seed: int):
+def pilot_images(
+    shards: list[str], profile: Profile, counts, per_class: int, seed: int, timeout: float
+):
     """Per class the `per_class` images with the smallest pool hash among the leading shards
     (pilot_prefix), read and decoded by Ray Data in parallel. Read tasks decode only candidates,
     images whose hash is below their class's pool_limit for the prefix's expected size, and the
     driver keeps only each class's running selection. A class with fewer candidates than it
     needs (shards that are not shuffled) is completed from every shard. Returns images uint8
-    [n, H, W, ch] and labels [n], by class, smallest hash first within a class."""
+    [n, H, W, ch] and labels [n], by class, smallest hash first within a class. A read that
+    yields nothing for `timeout` seconds fails the stage."""
     counts = np.asarray(counts)
     want = np.minimum(counts, per_class)
     n = pilot_prefix(len(shards), counts, want)
@@ -43,12 +48,12 @@ def pilot_images(shards: list[str], profile: Profile, counts, per_class: int, se
     _offer(
         chosen,
         want,
-        _candidates(shards[:n], profile, pool_limit(counts * n / len(shards), want), seed),
+        _candidates(shards[:n], profile, pool_limit(counts * n / len(shards), want), seed, timeout),
     )
     short = np.array([len(heap) < w for heap, w in zip(chosen, want)])
     if short.any() and n < len(shards):
         limits = np.where(short, pool_limit(counts, want), 0).astype(np.uint64)
-        _offer(chosen, want, _candidates(shards[n:], profile, limits, seed))
+        _offer(chosen, want, _candidates(shards[n:], profile, limits, seed, timeout))
     images, labels = [], []
     for c, heap in enumerate(chosen):
         images += [image for _, _, image in sorted(heap, reverse=True)]  # smallest hash first
@@ -65,16 +70,63 @@ def _offer(chosen: list[list], want, candidates) -> None:
             heapq.heapreplace(heap, item)
 
 
-def _candidates(shards: list[str], profile: Profile, limits: np.ndarray, seed: int):
+def _candidates(shards: list[str], profile: Profile, limits: np.ndarray, seed: int, timeout):
     """(hash, key, label, image) of every good image of `shards` whose pool hash is below its
     class's limit, decoded in Ray Data's read tasks; the others never leave them."""
     wanted = functools.partial(_below, limits=limits, seed=seed)
     ds = read.read_images(shards, profile, profile.num_classes, wanted=wanted)
     decoded = ds.map_batches(_decoded_only, batch_format="numpy")
-    for batch in decoded.iter_batches(batch_format="numpy", batch_size=None):
+    for batch in _watched(decoded.iter_batches(batch_format="numpy", batch_size=None), timeout):
         keys = [str(k) for k in batch[KEY]]
         for h, key, label, image in zip(pool_hashes(keys, seed), keys, batch[LABEL], batch[IMAGE]):
             yield int(h), key, int(label), image
+
+
+_END = object()
+
+
+def _watched(batches, timeout: float):
+    """The items of `batches`, pulled on a thread; a UserError when none comes for `timeout`
+    seconds. Ray Data waits for ever for a CPU to run its read tasks on, and a cluster whose
+    CPUs are all held would leave the stage silent."""
+    items: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=1.0)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def pull() -> None:
+        try:
+            for batch in batches:
+                if not put(batch):
+                    return
+            put(_END)
+        except Exception as e:  # raised in the driver's thread below
+            put(e)
+
+    threading.Thread(target=pull, daemon=True).start()
+    try:
+        while True:
+            try:
+                item = items.get(timeout=timeout)
+            except queue.Empty:
+                raise UserError(
+                    f"stats stage stalled: the M3D bandwidth pilot read nothing for {timeout:.0f}"
+                    " s; check that the cluster has CPUs free for Ray Data's read tasks"
+                ) from None
+            if item is _END:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def _below(keys: list[str], labels: np.ndarray, *, limits: np.ndarray, seed: int) -> np.ndarray:

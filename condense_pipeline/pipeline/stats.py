@@ -30,7 +30,7 @@ from condense_pipeline.condense.bank import NEEDS, BankSpec, ProbeBank, pilot_si
 from condense_pipeline.condense.experts import EXPERTS_JSON, experts_dir
 from condense_pipeline.condense.numerics import numerics
 from condense_pipeline.condense.sampling import needed
-from condense_pipeline.condense.stats import ClassStats, PendingForwards
+from condense_pipeline.condense.stats import HELD_PER_PROBE, ClassStats, PendingForwards
 from condense_pipeline.config import StatsConfig
 from condense_pipeline.datasets import Profile
 from condense_pipeline.errors import Stopped, UserError
@@ -141,7 +141,12 @@ class StatsWorker:
         self.init_pool = init_pool
         self.stats = ClassStats.zeros(self.bank, init_pool)
         self.pending = PendingForwards(
-            self.bank, counts, bandwidths, spec.attention_power, buffer_mib * 2**20
+            self.bank,
+            counts,
+            bandwidths,
+            spec.attention_power,
+            capacity_bytes=buffer_mib * 2**20,
+            capacity_forwards=HELD_PER_PROBE[self.bank.device.type] * spec.probes,
         )
 
     def load(self, checkpoints: list[str]) -> None:
@@ -184,10 +189,12 @@ class StatsWorker:
                     self.pending.flush(self.stats, FLUSH_CALL_S)
         return forwards, self.pending.flushing
 
-    def flush(self, seconds: float) -> bool:
-        """Go on with the flush under way for about `seconds`; whether it is still under way."""
+    def flush(self, seconds: float) -> tuple[int, bool]:
+        """Go on with the flush under way for about `seconds`; returns, as `consume` does, the
+        forwards added (none: they were counted when their block came) and whether it is still
+        under way."""
         self.pending.flush(self.stats, seconds)
-        return self.pending.flushing
+        return 0, self.pending.flushing
 
     def drain(self, seconds: float) -> int:
         """Forward what is held for about `seconds`; returns the forwards still due."""
@@ -421,7 +428,9 @@ def _bandwidths(folder, shards, profile, spec, cfg, counts, say, experts) -> tor
     if storage.exists(path):
         return _load_tensor(path)
     say(f"bandwidth pilot: {spec.pilot_per_class} images per class")
-    images, labels = pilot.pilot_images(shards, profile, counts, spec.pilot_per_class, cfg.seed)
+    images, labels = pilot.pilot_images(
+        shards, profile, counts, spec.pilot_per_class, cfg.seed, cfg.stall_timeout_s
+    )
     plan = plan_workers(cfg.workers)
     bandwidths = pilot.bandwidths(spec, images, labels, plan, cfg.stall_timeout_s, experts)
     _save_tensor(path, bandwidths)

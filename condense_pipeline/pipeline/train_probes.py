@@ -32,7 +32,7 @@ from condense_pipeline.datasets import Profile
 from condense_pipeline.errors import Stopped, UserError
 from condense_pipeline.formats import ERROR, IMAGE, KEY, LABEL, TRAIN
 from condense_pipeline.pipeline import read
-from condense_pipeline.pipeline.cluster import ensure_ray
+from condense_pipeline.pipeline.cluster import ensure_ray, plan_workers
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def _fit(recipe, fingerprint, folder, todo, dataset, requested) -> None:
     res = ray.cluster_resources()
     gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
     if gpus:
-        workers = min(requested or gpus, gpus, len(todo))
+        workers = min(plan_workers(requested).workers, len(todo))  # one per free GPU
         scaling = ray.train.ScalingConfig(num_workers=workers, use_gpu=True)
         threads = 1
     else:  # one worker; one CPU stays free for Ray Data's read tasks, used once they are done
