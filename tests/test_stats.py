@@ -192,9 +192,9 @@ def test_a_worker_checkpoint_holds_every_image_it_consumed(tmp_path, digits):
             ERROR: np.array([""] * n),
         }
     )
-    forwards, flushing = worker.consume(block, batch_size=100)
-    assert not flushing
-    worker.save(str(tmp_path / "w"))  # nothing was flushed before: 64 MiB held
+    forwards, stalled = worker.consume(block, batch_size=100)
+    assert not stalled
+    worker.save(str(tmp_path / "w"))  # no drain: save waits for the flush thread, then the rest
     saved = load_classes(str(tmp_path / "w"), list(range(10)))
     assert saved.count.sum() == forwards > 0
     plain = ClassStats.zeros(ProbeBank(spec), 12)
@@ -202,26 +202,54 @@ def test_a_worker_checkpoint_holds_every_image_it_consumed(tmp_path, digits):
     _assert_same_stats(saved, plain, 1e-6)
 
 
-def test_a_flush_in_pieces_of_bounded_time_gives_the_same_statistics(digits):
-    """A worker flushes in calls of a few seconds, so that a long flush on a slow CPU is not
-    taken for a stalled worker (one 32,000-forward flush under load outlasted the 600 s stall
-    timeout and the pass was rerun from its start). Pieces must neither lose nor repeat a
-    chunk, also with images added while a flush is under way."""
+def test_a_worker_takes_blocks_while_it_flushes_and_loses_none(tmp_path, digits):
+    """A worker forwards a full buffer on its flush thread while it takes the next blocks (so
+    the reading does not wait for the forwards); driven as the driver drives it (waits while
+    stalled, drains before the checkpoint), it neither loses nor repeats an image."""
+    from ray.data.block import BlockAccessor
+
     images, labels, keys = digits
-    bank = ProbeBank(small_spec(statistics=("emb", "rff"), real_per_probe=20, probes=8))
-    h = pilot_bandwidths(bank, images[:300], torch.from_numpy(labels[:300]))
+    spec = small_spec(statistics=("emb", "rff"), real_per_probe=20, probes=8)
     counts = np.bincount(labels, minlength=10)
-    whole, pieces = ClassStats.zeros(bank, 0), ClassStats.zeros(bank, 0)
-    accumulate(whole, bank, images, labels, keys, counts, h)
-    pending = PendingForwards(bank, counts, h, chunk=16)
-    pending.add(pieces, images[:1000], labels[:1000], keys[:1000])
-    calls = 0
-    assert pending.flush(pieces, seconds=0.0) > 0 and pending.flushing  # one chunk per call
-    pending.add(pieces, images[1000:], labels[1000:], keys[1000:])  # held for the next flush
-    while pending.flush(pieces, seconds=0.0):
-        calls += 1
-    assert calls > 10 and not pending.flushing and pending.due == 0
-    _assert_same_stats(pieces, whole, 1e-6)
+    h = pilot_bandwidths(ProbeBank(spec), images[:300], torch.from_numpy(labels[:300]))
+    worker = StatsWorker(spec, 12, counts, h, "cpu", threads=1)
+    worker.pending.capacity_forwards = 150  # several flushes over the digits
+    forwards = 0
+    for i in range(0, len(labels), 100):
+        n = len(labels[i : i + 100])
+        block = BlockAccessor.batch_to_block(
+            {
+                KEY: np.array(keys[i : i + 100]),
+                IMAGE: images[i : i + 100].numpy(),
+                LABEL: labels[i : i + 100],
+                SHARD: np.array(["s0.tar"] * n),
+                ERROR: np.array([""] * n),
+            }
+        )
+        added, stalled = worker.consume(block, batch_size=50)
+        forwards += added
+        while stalled:
+            _, stalled = worker.flush(0.01)
+    worker.pending.wait()
+    assert worker.stats.count.sum() > 0  # forwarded while the blocks came, not at the drain
+    while worker.drain(0.01):
+        pass
+    worker.save(str(tmp_path / "w"))
+    plain = ClassStats.zeros(ProbeBank(spec), 12)
+    assert accumulate(plain, ProbeBank(spec), images, labels, keys, counts, h) == forwards
+    _assert_same_stats(load_classes(str(tmp_path / "w"), list(range(10))), plain, 1e-6)
+
+
+def test_a_flush_that_fails_raises_in_whoever_waits_for_it(digits):
+    images, labels, keys = digits
+    bank = ProbeBank(small_spec(real_per_probe=20, probes=8))
+    pending = PendingForwards(bank, np.bincount(labels, minlength=10))
+    stats = ClassStats.zeros(bank, 0)
+    pending.add(stats, images, labels, keys)
+    pending._add_probe = lambda *a: 1 / 0
+    pending.start(stats)
+    with pytest.raises(ZeroDivisionError):
+        pending.wait()
 
 
 def test_bases_drawn_ahead_on_a_thread_give_the_same_statistics(digits):

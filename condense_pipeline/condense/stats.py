@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -236,6 +235,11 @@ FORWARD_CHUNK = 512
 # a GPU the forwards are quick next to the reading and a basis costs as much as thousands of
 # forwards, so a GPU worker holds more.
 HELD_PER_PROBE = {"cpu": 256, "cuda": 4096}
+# A worker whose flush thread is idle starts the next flush once it holds this share of that:
+# the forwards then keep pace with a fast reading (100,000 images for 6,400 forwards left 8.7 s
+# of forwards after the reading when a flush waited for a full buffer), and the flushes grow to
+# the whole capacity where the forwards are the slower part.
+START_FILL = 0.25
 
 
 def accumulate(
@@ -264,18 +268,17 @@ class PendingForwards:
     """Real images waiting for their probe forwards, added to the statistics probe by probe.
 
     `add` counts a batch and offers it to the init pools at once, and holds the images (uint8)
-    that some probe samples, with their (image, probe) pairs; `flush` forwards them probe-major:
+    that some probe samples, with their (image, probe) pairs; a flush forwards them probe-major:
     each probe's network runs on a few large chunks and M3D draws its random-feature basis once
     per probe, whatever K. (Batch by batch, K = 100 at M = 32 on MNIST gave each probe about 3
     images of a 512-image batch and redrew about 100 bases per batch.) The holder is `full` once
     the held images and pairs reach `capacity_bytes`, or their forwards `capacity_forwards`
-    (None: no limit); whoever adds flushes then, which bounds the memory whatever K and C. A
-    flush can go in pieces of bounded time (`seconds`), so that a worker answers its driver
-    every few seconds however large the flush: what it has started stays queued for the next
-    call, and what is added meanwhile waits for the flush after.
-    Whoever saves the statistics must flush first, or the checkpoint misses the held images.
-    The probe order alternates between flushes, so that the bases the last flush ended with are
-    still in the bank's cache when the next one starts.
+    (None: no limit). `start` hands what is held to a flush thread and holds anew, so the caller
+    goes on adding (a stats worker: reading) while the forwards run; it waits (`wait`) only when
+    it is full again before that flush ends, which bounds the memory at twice the capacity
+    whatever K and C. Whoever saves the statistics must `flush` first, or the checkpoint misses
+    the held images. The probe order alternates between flushes, so that the bases the last
+    flush ended with are still in the bank's cache when the next one starts.
     """
 
     def __init__(
@@ -293,6 +296,13 @@ class PendingForwards:
         self.attention_power = attention_power
         self.capacity_bytes, self.capacity_forwards = capacity_bytes, capacity_forwards
         self.chunk = chunk
+        # torch's thread count is a per-thread setting under OpenMP: the flush thread takes the
+        # one its creator set (a Ray actor's is 1 unless the plan says more)
+        self._flusher = ThreadPoolExecutor(
+            1, initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),)
+        )
+        self._flush = None  # the flush running on that thread (a Future)
+        self._flush_due = 0  # its forwards not done yet
         # On a GPU the next probe's basis is drawn on a CPU thread while this probe's forwards
         # run; on a CPU that thread would only take cores from the forwards.
         self.draw_ahead = bank.device.type == "cuda" if draw_ahead is None else draw_ahead
@@ -302,7 +312,9 @@ class PendingForwards:
         self.clear()
 
     def clear(self) -> None:
-        """Drop what is held and queued (when the statistics it was meant for are replaced)."""
+        """Drop what is held (when the statistics it was meant for are replaced), once the
+        flush under way, if any, has ended."""
+        self.wait()
         self._images: list[torch.Tensor] = []
         self._labels: list[np.ndarray] = []
         self._rows: list[np.ndarray] = []  # per batch: the held image of each (image, probe) pair
@@ -310,24 +322,30 @@ class PendingForwards:
         self.held = 0  # images held
         self.forwards = 0  # probe forwards they are due
         self.nbytes = 0  # bytes of the held images and pairs
-        self._queue: list | None = None  # a flush in progress: (images, labels, chunks left)
+
+    @property
+    def fill(self) -> float:
+        """The held images' share of the capacity (the larger of bytes and forwards)."""
+        shares = [0.0]
+        if self.capacity_bytes is not None:
+            shares.append(self.nbytes / self.capacity_bytes)
+        if self.capacity_forwards is not None:
+            shares.append(self.forwards / self.capacity_forwards)
+        return max(shares)
 
     @property
     def full(self) -> bool:
-        by_bytes = self.capacity_bytes is not None and self.nbytes >= self.capacity_bytes
-        by_forwards = self.capacity_forwards is not None and self.forwards >= self.capacity_forwards
-        return by_bytes or by_forwards
+        return self.fill >= 1.0
 
     @property
-    def flushing(self) -> bool:
-        """A flush is started and not finished (flush(seconds) returned before its end)."""
-        return self._queue is not None
+    def busy(self) -> bool:
+        """A flush is running on the flush thread (one that failed raises its error here)."""
+        return not self.wait(0.0)
 
     @property
     def due(self) -> int:
-        """Probe forwards not done yet: the queued flush's and the held images'."""
-        queued = 0 if self._queue is None else sum(len(idx) for _, idx in self._queue[2])
-        return queued + self.forwards
+        """Probe forwards not done yet: the running flush's and the held images'."""
+        return (self._flush_due if self._flush is not None else 0) + self.forwards
 
     def add(
         self, stats: ClassStats, images: torch.Tensor, labels: np.ndarray, keys: list[str]
@@ -351,27 +369,42 @@ class PendingForwards:
             self.nbytes += self._images[-1].nbytes + 12 * len(rows)
         return len(rows)
 
-    def flush(self, stats: ClassStats, seconds: float | None = None) -> int:
-        """Forward the held images through their probes into `stats`: all of them, or (with
-        `seconds`) chunks until that much time has passed, at least one. Returns `due`."""
-        deadline = None if seconds is None else time.monotonic() + seconds
-        while self._queue is not None or self.held:
-            if self._queue is None:
-                self._queue = self._start()
-            images, labels, chunks = self._queue
-            while chunks:
-                k, idx = chunks.pop(0)
-                if self.draw_ahead and stats.rff_sum is not None:
-                    self._draw_ahead(k, chunks)
-                self._add_probe(stats, k, images[idx], labels[idx])
-                if deadline is not None and time.monotonic() >= deadline:
-                    if not chunks:
-                        self._queue = None
-                    return self.due
-            self._queue = None
-            if deadline is not None:
-                break  # what was added during this flush waits for the next one
-        return self.due
+    def start(self, stats: ClassStats) -> None:
+        """Forward what is held into `stats` on the flush thread, and hold anew. The flush before
+        must have ended (`busy` False). Until this one ends, `add` writes only the counts and the
+        init pools of `stats`, and the flush only its sums."""
+        assert not self.busy, "a flush is still running"
+        if not self.held:
+            return
+        images, labels, chunks = self._take()
+        self._flush_due = sum(len(idx) for _, idx in chunks)
+        self._flush = self._flusher.submit(self._forward, stats, images, labels, chunks)
+
+    def wait(self, seconds: float | None = None) -> bool:
+        """Wait up to `seconds` (None: as long as it takes) for the running flush; True once
+        none runs. A flush that failed raises its error."""
+        if self._flush is None:
+            return True
+        try:
+            self._flush.result(timeout=seconds)
+        except TimeoutError:
+            return False
+        self._flush = None
+        return True
+
+    def flush(self, stats: ClassStats) -> None:
+        """Forward everything held into `stats` and return when it is done."""
+        self.wait()
+        self.start(stats)
+        self.wait()
+
+    def _forward(self, stats: ClassStats, images, labels, chunks: list) -> None:
+        """The flush thread's work: each probe's chunks through its network."""
+        for n, (k, idx) in enumerate(chunks):
+            if self.draw_ahead and stats.rff_sum is not None:
+                self._draw_ahead(k, chunks[n + 1 :])
+            self._add_probe(stats, k, images[idx], labels[idx])
+            self._flush_due -= len(idx)
 
     def _draw_ahead(self, k: int, chunks: list) -> None:
         """Wait for probe k's basis if a thread is drawing it, and start drawing the next
@@ -382,8 +415,9 @@ class PendingForwards:
         if nxt is not None and (self._ahead is None or self._ahead[0] != nxt):
             self._ahead = (nxt, self._drawer.submit(self.bank.rff_basis, nxt))
 
-    def _start(self) -> list:
-        """Freeze what is held into a flush: per probe (in this flush's order) its chunks."""
+    def _take(self) -> tuple:
+        """What is held, as a flush: the images, their labels and per probe (in this flush's
+        order) its chunks; the holder is empty after."""
         images = torch.cat(self._images)
         labels = torch.from_numpy(np.concatenate(self._labels))
         rows, probes = np.concatenate(self._rows), np.concatenate(self._probes)
@@ -404,7 +438,7 @@ class PendingForwards:
             for k in due
             for start in range(bounds[k], bounds[k + 1], self.chunk)
         ]
-        return [images, labels, chunks]
+        return images, labels, chunks
 
     def _add_probe(self, stats: ClassStats, k: int, images: torch.Tensor, labels: torch.Tensor):
         """Forward images (uint8 [n, H, W, ch]) of classes `labels` [n] through probe k."""

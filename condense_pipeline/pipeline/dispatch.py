@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 # Blocks queued on each worker: one running, one fetched and waiting, so a worker never idles
 # while the driver hands out the next block.
 BLOCKS_PER_WORKER = 2
-# A worker's flush (its held images forwarded probe by probe: minutes on a CPU) runs as calls of
-# about this many seconds, so a slow or busy machine is told from a stalled one.
+# A worker's flush (its held images forwarded probe by probe: minutes on a CPU) runs on a thread
+# of its own; a driver that waits for one does so in calls of about this many seconds, so a slow
+# or busy machine is told from a stalled one.
 FLUSH_CALL_S = 10.0
 
 
@@ -102,13 +103,14 @@ def _wait_for_verdicts(workers, timeout: float) -> None:
 
 def feed(workers, blocks: queue.Queue, batch_size: int, stall_timeout_s: float) -> int:
     """Hand a unit's blocks to the workers, each to the least loaded one, at most
-    BLOCKS_PER_WORKER at a time; returns the probe forwards. A block that fills a worker's
-    buffer starts a flush, which the driver continues in calls of FLUSH_CALL_S, each one
-    progress. A worker that dies fails its call at once (a streaming_split would stall on it)."""
+    BLOCKS_PER_WORKER at a time; returns the probe forwards. A worker forwards what it holds
+    while it takes the next blocks; one that fills up again before that flush ends is stalled,
+    and the driver waits on it in calls of FLUSH_CALL_S, each one progress, before it sends it
+    more. A worker that dies fails its call at once (a streaming_split would stall on it)."""
     import ray
     from ray.exceptions import RayError
 
-    load = [0] * len(workers)  # a block's slot is held until the flush it started ends
+    load = [0] * len(workers)  # a block's slot is held while its worker is stalled
     calls: dict = {}  # call ref -> worker index
     forwards, last_change, feeding = 0, time.monotonic(), True
     while feeding or calls:
@@ -135,9 +137,9 @@ def feed(workers, blocks: queue.Queue, batch_size: int, stall_timeout_s: float) 
                     result = ray.get(ref)
                 except RayError as e:
                     raise UnitFailed(f"a worker died or failed: {ray_failure(e)}") from e
-                added, flushing = result  # consume and flush answer alike
+                added, stalled = result  # consume and flush answer alike
                 forwards += added
-                if flushing:
+                if stalled:
                     calls[workers[i].flush.remote(FLUSH_CALL_S)] = i
                 else:
                     load[i] -= 1

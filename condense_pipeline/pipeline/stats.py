@@ -30,7 +30,12 @@ from condense_pipeline.condense.bank import NEEDS, BankSpec, ProbeBank, pilot_si
 from condense_pipeline.condense.experts import EXPERTS_JSON, experts_dir
 from condense_pipeline.condense.numerics import numerics
 from condense_pipeline.condense.sampling import needed
-from condense_pipeline.condense.stats import HELD_PER_PROBE, ClassStats, PendingForwards
+from condense_pipeline.condense.stats import (
+    HELD_PER_PROBE,
+    START_FILL,
+    ClassStats,
+    PendingForwards,
+)
 from condense_pipeline.config import StatsConfig
 from condense_pipeline.datasets import Profile
 from condense_pipeline.errors import Stopped, UserError
@@ -41,7 +46,6 @@ from condense_pipeline.pipeline.cluster import ensure_ray, plan_workers
 from condense_pipeline.pipeline.commits import PARTIAL_DIR, Commits, UnitFailed
 from condense_pipeline.pipeline.dispatch import (
     BLOCKS_PER_WORKER,
-    FLUSH_CALL_S,
     Readers,
     Workers,
     drain,
@@ -161,8 +165,9 @@ class StatsWorker:
         self.stats = class_files.concat_classes(parts)
 
     def consume(self, block, batch_size: int) -> tuple[int, bool]:
-        """Add one block of decoded rows; returns the probe forwards it takes and whether a
-        flush it started is still under way (the driver then calls `flush` until it is not)."""
+        """Add one block of decoded rows; returns the probe forwards it takes and whether the
+        worker is full while its last flush still runs (the driver then calls `flush` until it
+        is not, before it sends the next block)."""
         from ray.data.block import BlockAccessor
 
         rows = BlockAccessor.for_block(block).to_numpy()
@@ -178,27 +183,34 @@ class StatsWorker:
             for shard, err in zip(batch[SHARD][bad], errors[bad]):
                 rejects.count(self.stats.rejected, shard, err)
             good = errors == ""
-            if good.any():  # forwarded at a flush, probe by probe
+            if good.any():  # forwarded at a flush, probe by probe, while the next blocks come
                 forwards += self.pending.add(
                     self.stats,
                     torch.from_numpy(np.ascontiguousarray(batch[IMAGE][good])),
                     batch[LABEL][good],
                     [str(k) for k in batch[KEY][good]],
                 )
-                if self.pending.full and not self.pending.flushing:
-                    self.pending.flush(self.stats, FLUSH_CALL_S)
-        return forwards, self.pending.flushing
+                if self.pending.fill >= START_FILL and not self.pending.busy:
+                    self.pending.start(self.stats)
+        return forwards, self._stalled()
 
     def flush(self, seconds: float) -> tuple[int, bool]:
-        """Go on with the flush under way for about `seconds`; returns, as `consume` does, the
-        forwards added (none: they were counted when their block came) and whether it is still
-        under way."""
-        self.pending.flush(self.stats, seconds)
-        return 0, self.pending.flushing
+        """While stalled, wait up to `seconds` for the running flush, and start the next once it
+        ends; returns, as `consume` does, the forwards added (none) and whether the worker is
+        still stalled. (Both blocks a worker has queued may ask: the second must not wait for
+        the flush the first started.)"""
+        if self._stalled() and self.pending.wait(seconds):
+            self.pending.start(self.stats)
+        return 0, self._stalled()
+
+    def _stalled(self) -> bool:
+        return self.pending.full and self.pending.busy
 
     def drain(self, seconds: float) -> int:
-        """Forward what is held for about `seconds`; returns the forwards still due."""
-        return self.pending.flush(self.stats, seconds)
+        """Forward what is held, waiting up to `seconds`; returns the forwards still due."""
+        if self.pending.wait(seconds):
+            self.pending.start(self.stats)
+        return self.pending.due
 
     def save(self, location: str) -> dict:
         """Write the accumulator as a checkpoint folder of class files; returns its read counts
