@@ -227,7 +227,7 @@ def _tensor_views(data: bytearray) -> dict[str, torch.Tensor]:
 # forward holds (DataDAM keeps every block's activations), as the batch size did before.
 FORWARD_CHUNK = 512
 
-# A stats worker flushes once the images it holds are due this many forwards per probe (on
+# A stats worker is full once the images it holds are due this many forwards per probe (on
 # average), so that the forwards overlap the reading of the rest of the data instead of all
 # waiting for the commit (MNIST, K = 200: the whole stats command went from 1.20x a plain loop
 # to 1.07x), while each probe's network still runs on hundreds of images at a time
@@ -345,7 +345,7 @@ class PendingForwards:
     @property
     def due(self) -> int:
         """Probe forwards not done yet: the running flush's and the held images'."""
-        return (self._flush_due if self._flush is not None else 0) + self.forwards
+        return self._flush_due + self.forwards  # a flush counts its own down to 0
 
     def add(
         self, stats: ClassStats, images: torch.Tensor, labels: np.ndarray, keys: list[str]
