@@ -148,6 +148,25 @@ def test_probe_network_keeps_the_weights_statistics_were_computed_with(bank):
     )
 
 
+def test_networks_built_on_two_threads_are_those_built_on_one():
+    """A GPU worker builds probe networks on its flush thread while another thread draws the
+    next random-feature basis (which can build network 0); the seeded init must not share
+    PyTorch's global generator between them (it once gave a probe another probe's weights)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from condense_pipeline.condense.networks import seeded_model
+
+    def build(seeds):
+        return [seeded_model("convnet", s, 1, 28).blocks[0][0].weight for s in seeds]
+
+    seeds = list(range(200))
+    alone = build(seeds)
+    with ThreadPoolExecutor(2) as pool:
+        halves = list(pool.map(build, [seeds[0::2], seeds[1::2]]))
+    together = [w for pair in zip(*halves) for w in pair]
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))
+
+
 def test_pilot_forwards_at_most_a_quarter_of_the_pass():
     # At M = 32 (the 32 px profiles) a 32-image pilot forwarded as many images as the whole pass
     # (M per class per probe), which made the m3d pass twice as long as dm's.

@@ -8,6 +8,7 @@ and classes be condensed together or apart with the same result.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -111,12 +112,17 @@ def build_model(name: str, channels: int, resolution: int, num_classes: int) -> 
     return MODELS[name](channels, resolution, num_classes)
 
 
+_SEEDED_INIT = threading.Lock()
+
+
 def seeded_model(
     name: str, seed: int, channels: int, resolution: int, num_classes: int | None = None
 ) -> nn.Module:
     """build_model with PyTorch's default init drawn on the CPU from `seed`, so that every process
     on every machine builds the same weights; the caller's global RNG is left as it was."""
-    with torch.random.fork_rng(devices=[]):
+    # The default init draws from PyTorch's one global generator: two threads building at once
+    # (a GPU stats worker's flush and basis threads) would interleave their draws.
+    with _SEEDED_INIT, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_model(name, channels, resolution, num_classes)
 
