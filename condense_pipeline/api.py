@@ -244,9 +244,12 @@ def evaluate(
     *,
     split: str = TEST,
     use_ray: bool = False,
+    baseline: bool = True,
 ) -> dict:
     """The evaluation protocol on the exported set, next to random real subsets of the same IPC:
     run r draws its own from the init pools after the images the condensation started from.
+    `baseline=False` trains the condensed set alone (the baseline depends only on the init pool,
+    the IPC, the runs and the test split, so one evaluation serves every method of a run).
 
     Tests on `test` shards, else on the prepared `split` (test, or validation to choose
     settings). Refuses an export of other statistics than the run directory holds, and a
@@ -257,11 +260,13 @@ def evaluate(
     bank = read_bank(run_dir)
     condensation = lineage.check_export(read_manifest(export_dir), bank, cond, export_dir)
     done = storage.read_json(storage.join(stats_dir(run_dir), storage.DONE))
-    check_pool(lineage.pool_sizes(bank, done), cond, cfg.runs)
+    check_pool(lineage.pool_sizes(bank, done), cond, cfg.runs if baseline else 0)
     location = test or default_data(profile, split)
     shards = storage.list_shards(location)
     test_x, test_y = load_split(shards, profile)
-    pool_x, pool_y, pool_keys = baseline_images(run_dir, cond, profile)
+    pool_x = pool_y = pool_keys = None
+    if baseline:
+        pool_x, pool_y, pool_keys = baseline_images(run_dir, cond, profile)
     info = read.load_dataset_info(location)
     inputs = {
         "condensation": condensation,

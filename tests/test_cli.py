@@ -145,6 +145,13 @@ def test_every_command_and_a_rerun_that_resumes(digits_data, tmp_path):
         f"condensed {c['mean']:.2f} ± {c['std']:.2f}% vs random real {b['mean']:.2f} ± "
         f"{b['std']:.2f}% (IPC 1)" in report
     )
+    # Without the baseline: the condensed set alone, so more runs than the init pool's 2 images
+    # per class could serve baselines for.
+    alone = ok(cli("evaluate", str(folder), "--test", test, "--epochs", "1", "--runs", "3",
+                   "--no-baseline"))  # fmt: skip
+    saved = json.loads((folder / "eval" / "report.json").read_text())
+    assert saved["random_real"] is None and len(saved["condensed"]["runs"]) == 3
+    assert "condensed" in alone and "random real" not in alone
     shown = ok(cli("show", str(run_dir)))
     assert folder.name in shown and "probe forwards" in shown and "group(s) run" in shown
     plan = ok(cli("condense", str(run_dir), "--ipc", "10", "--method", "dm", "--dry-run",

@@ -423,6 +423,9 @@ def evaluate(
     epochs: int = typer.Option(None, help="Training epochs (default: the profile's)."),
     runs: int = typer.Option(EVAL_RUNS, help="Training runs per set."),
     model: str = typer.Option("convnet", help="convnet, alexnet, vgg11 or resnet18."),
+    baseline: bool = typer.Option(
+        True, help="Train random real subsets of the same IPC too (the same for every method)."
+    ),
     address: str = ADDRESS,
 ) -> None:
     """Train on the exported set and on random real subsets; test on the real test split.
@@ -438,7 +441,8 @@ def evaluate(
     ecfg = EvalConfig(model=model, epochs=epochs or profile.eval_epochs, runs=runs)
     ensure_ray(address)
     report = api.evaluate(
-        run_dir, cfg, profile, ecfg, test, progress=say, split=split, use_ray=True
+        run_dir, cfg, profile, ecfg, test, progress=say, split=split, use_ray=True,
+        baseline=baseline,
     )
     _print_report(report)
 
