@@ -62,6 +62,8 @@ class StatsConfig:
     stall_timeout_s: float = 600.0
     # at most one commit (every worker writes its accumulator) per interval; 0: after every unit
     commit_interval_s: float = 300.0
+    # Random by default: on MNIST IPC 1 a bank of 5 one-epoch experts scored 86.74 % against the
+    # random bank's 88.69 % (RESULTS.md "Trained probes", `evaluate --runs 5` on test).
     trained_probes: int = 0  # probes 0..N-1 are blended experts (train-probes); 0: all random
     experts: int = 0  # the experts those probes draw from (RUN/experts/); 0: every one trained
 

@@ -441,7 +441,14 @@ def evaluate(
     ecfg = EvalConfig(model=model, epochs=epochs or profile.eval_epochs, runs=runs)
     ensure_ray(address)
     report = api.evaluate(
-        run_dir, cfg, profile, ecfg, test, progress=say, split=split, use_ray=True,
+        run_dir,
+        cfg,
+        profile,
+        ecfg,
+        test,
+        progress=say,
+        split=split,
+        use_ray=True,
         baseline=baseline,
     )
     _print_report(report)
