@@ -157,14 +157,16 @@ def test_networks_built_on_two_threads_are_those_built_on_one():
     from condense_pipeline.condense.networks import seeded_model
 
     def build(seeds):
-        return [seeded_model("convnet", s, 1, 28).blocks[0][0].weight for s in seeds]
+        return [list(seeded_model("convnet", s, 1, 28).state_dict().values()) for s in seeds]
 
     seeds = list(range(200))
     alone = build(seeds)
     with ThreadPoolExecutor(2) as pool:
         halves = list(pool.map(build, [seeds[0::2], seeds[1::2]]))
-    together = [w for pair in zip(*halves) for w in pair]
-    assert all(torch.equal(a, b) for a, b in zip(alone, together))
+    together = [net for pair in zip(*halves) for net in pair]
+    assert all(
+        torch.equal(a, b) for x, y in zip(alone, together, strict=True) for a, b in zip(x, y)
+    )
 
 
 def test_pilot_forwards_at_most_a_quarter_of_the_pass():
