@@ -24,6 +24,20 @@ CLI = [sys.executable, "-m", "condense_pipeline.cli.app"]
 STOP_S = 60  # a bound far above the few seconds it takes, so a loaded machine does not fail it
 
 
+def _start(args: list[str], env: dict) -> subprocess.Popen:
+    """The command as a terminal starts it. A shell without job control starts `make test &`
+    with SIGINT ignored, and a child inherits that (Python then keeps it ignored): Ctrl-C at a
+    terminal is never ignored, so the child gets the default disposition back."""
+    return subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     import ray
@@ -54,9 +68,7 @@ def test_a_signal_stops_the_stats_pass_with_one_line_and_a_rerun_resumes(
     args = [*CLI, "stats", "digits", "--data", shards, "--out", run_dir, "--method", "dm"]
     args += ["--probes", "100", "--workers", "1", "--commit-interval", "0"]
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}  # its own Ray, to see it go
-    proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
-    )
+    proc = _start(args, env)
     progress = os.path.join(stats_dir(run_dir), PROGRESS_JSON)
     deadline = time.monotonic() + 300
     while not os.path.exists(progress):  # the first unit is committed
@@ -115,9 +127,7 @@ def test_sigint_stops_condensation_with_the_groups_done_and_a_rerun_resumes(
     groups = 4
     args = [*CLI, "condense", run_dir, "--ipc", "2", "--groups", str(groups)]
     args += ["--iterations", "1000"]  # a group takes seconds: the stop comes mid-way
-    proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
-    )
+    proc = _start(args, env)
     deadline = time.monotonic() + 300
     while not _group_folders(run_dir, storage.DONE):  # the first group is finished
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
