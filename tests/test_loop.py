@@ -154,9 +154,7 @@ def _mean_bank_loss(bank, stats, h, classes, cfg, images):
 def test_loss_falls_and_images_move(bank_and_stats, method):
     bank, stats, h = bank_and_stats
     classes = [0, 1, 2]
-    # m3d at lr 1 in pixel space: its preset lr 10 (70 in digits' normalised space) does not
-    # lower the bank loss from the mix init in 40 steps at 8 px (measured: -1.337 -> -1.312)
-    cfg = condense_config(PROFILE, method, 2, steps=40, lr=1.0 if method == "m3d" else None)
+    cfg = condense_config(PROFILE, method, 2, steps=40)
     start = _init(bank, stats, classes, cfg).images  # the initial images, before any step
     end = _run(bank, stats, h, classes, cfg).images
     before = _mean_bank_loss(bank, stats, h, classes, cfg, start)
