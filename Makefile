@@ -21,13 +21,10 @@ chromium:
 	    ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium) || \
 	    echo "chromium could not be installed: the report's browser test will skip"; }
 
-# Two pytest processes, each taking whole files: the suite mostly waits on Ray start-ups and
-# subprocesses (a quiet one-process run: 5.8 CPU-minutes in 12.9 minutes), so a second process
-# fills the gaps.
 test: $(VENV)/.installed chromium
 	$(VENV)/bin/ruff check condense_pipeline tests benchmarks examples
 	$(VENV)/bin/ruff format --check condense_pipeline tests benchmarks examples
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q
 
 test-cluster: $(VENV)/.installed
 	$(PY) -m pytest -q -m cluster
