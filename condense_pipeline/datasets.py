@@ -76,7 +76,7 @@ _STEPS = (20000, 10000, 8000)
 _IPP = (1, 5, 1)
 
 
-def _small(name, classes, channels, px, mean, std, augment, description, method="m3d"):
+def _small(name, classes, channels, px, mean, std, augment, description, **settings):
     return Profile(
         name=name,
         num_classes=classes,
@@ -94,7 +94,7 @@ def _small(name, classes, channels, px, mean, std, augment, description, method=
         iters_per_probe=_IPP,
         eval_epochs=1000,
         description=description,
-        default_method=method,
+        **settings,
     )
 
 
@@ -122,7 +122,17 @@ PROFILES: dict[str, Profile] = {
             default_method="dm",
             validation_per_class=10,
         ),
-        _small("mnist", 10, 1, 28, (0.1307,), (0.3081,), AUGMENT_DIGITS, "MNIST, 28 px", "dm"),
+        _small(
+            "mnist",
+            10,
+            1,
+            28,
+            (0.1307,),
+            (0.3081,),
+            AUGMENT_DIGITS,
+            "MNIST, 28 px",
+            default_method="dm",
+        ),
         _small(
             "fashion-mnist", 10, 1, 28, (0.2861,), (0.3530,), AUGMENT_DIGITS, "FashionMNIST, 28 px"
         ),
