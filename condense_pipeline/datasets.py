@@ -35,13 +35,13 @@ class Profile:
     eval_epochs: int
     description: str
     # The method `run` prefers; pipeline/estimate.choose_method falls back to dm when the cluster
-    # cannot hold M3D's statistics or condense it within its time budget. MNIST and digits: dm,
-    # measured (RESULTS.md "MNIST at IPC 1 and 10, the three methods", issue 16). On MNIST at IPC
-    # 10 (validation, 1000 steps, K = 200, M = 32, 1000 epochs, 2 runs) dm scored 96.37 % and
-    # m3d's preset 96.35 %: level, and m3d condensed 5x as long and trains 4x the images
-    # downstream (factor 2); on test m3d 96.92 % (2 runs), dm 96.88 % (3). At IPC 1 m3d leads
-    # (test, 5 runs: 91.06 against 88.69 % at R = 5120, 94.72 % at MNIST's R = 20,480; pass
-    # --method m3d). m3d at IPC 10 with R = 20,480 is not measured yet.
+    # cannot hold M3D's statistics or condense it within its time budget. MNIST: m3d, measured
+    # (RESULTS.md "M3D at IPC 10 with R = 20,480", issue 16): at its R = 20,480, 1000 steps,
+    # K = 200, M = 32 and 1000 evaluation epochs, m3d led dm on validation at IPC 1 (93.29
+    # against 86.43 %) and IPC 10 (96.74 against 96.37 %; dm at 10,000 steps 96.63 %); on test
+    # it scored 94.72 % at IPC 1 (5 runs; dm 88.69 %) and 97.41 % at IPC 10 (2 runs; dm 96.88 %,
+    # 97.06 % at 10,000 steps). A step costs 8x dm's (2 against 0.24 s at IPC 10 on 2 CPUs);
+    # choose_method takes dm where m3d's estimate passes 12 h.
     # digits: dm led at IPC 10 on validation (94.67 % against m3d's best measured, 93.33 %).
     # The other profiles keep m3d on the papers' figures (M3D 63.5 against DM's 48.9 % on
     # CIFAR-10 at IPC 10), unmeasured here.
@@ -132,7 +132,6 @@ PROFILES: dict[str, Profile] = {
             (0.3081,),
             AUGMENT_DIGITS,
             "MNIST, 28 px",
-            default_method="dm",
             # M3D's RFF estimate of the kernel is noisy at R = 5120 on this 1152-wide embedding:
             # on IPC 1 validation (1000 steps, K = 200, M = 32, 1000 epochs) m3d scored 90.02 % at
             # R = 5120, 93.29 % at 20,480 and 94.05 % with the exact kernel (--targets online);
