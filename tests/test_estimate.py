@@ -34,10 +34,8 @@ def test_condense_picks_what_the_statistics_serve():
 def test_mnist_gets_m3d_unless_its_condensation_would_pass_the_time_budget():
     # MNIST's m3d default was measured (datasets.py); on 2 CPUs IPC 50 is estimated at about 25 h.
     mnist = get_profile("mnist")
-    assert (
-        choose_method(mnist, 10, None, ClusterPlan(gpus=1, cpus=8, device_memory=80 * GiB))[0]
-        == "m3d"
-    )
+    gpu = ClusterPlan(gpus=1, cpus=8, device_memory=80 * GiB)
+    assert choose_method(mnist, 10, None, gpu)[0] == "m3d"
     cpus = ClusterPlan(gpus=0, cpus=2, device_memory=24 * GiB)
     assert choose_method(mnist, 10, None, cpus)[0] == "m3d"
     method, why = choose_method(mnist, 50, None, cpus)
