@@ -175,6 +175,17 @@ def test_every_command_and_a_rerun_that_resumes(digits_data, tmp_path):
     )
 
 
+def test_a_run_without_evaluation_can_be_evaluated_later_with_its_baseline(digits_data, tmp_path):
+    # Catches `run --no-eval` keeping too small an init pool for the random-real baseline, so the
+    # `evaluate` that README's cluster recipe runs afterwards is refused (stats to recompute).
+    data, test = str(digits_data / "train"), str(digits_data / "test")
+    ok(cli("run", "digits", "--ipc", "1", "--method", "dm", "--probes", "4", "--iterations", "5",
+           "--runs", "2", "--no-eval", "--data", data, "--out", str(tmp_path)))  # fmt: skip
+    (folder,) = (tmp_path / "condense").iterdir()
+    report = ok(cli("evaluate", str(folder), "--test", test, "--epochs", "1", "--runs", "2"))
+    assert "vs random real" in report
+
+
 def _parquet_images(run_dir):
     import numpy as np
     import pyarrow.parquet as pq

@@ -491,7 +491,9 @@ def run(
     calibration: float = CALIBRATION,
     epochs: int = typer.Option(None, help="Evaluation epochs (default: the profile's)."),
     runs: int = typer.Option(EVAL_RUNS, help="Evaluation runs."),
-    no_eval: bool = typer.Option(False, "--no-eval", help="Skip evaluation."),
+    no_eval: bool = typer.Option(
+        False, "--no-eval", help="Skip evaluation (the baseline's --runs images are still kept)."
+    ),
     seed: int = SEED,
     address: str = ADDRESS,
     stall_timeout: float = STALL,
@@ -532,7 +534,8 @@ def run(
     scfg = stats_config(
         profile,
         (method,),
-        pool_for=init_pool(cond, 0 if no_eval else runs),
+        # the baseline's images are kept with --no-eval too: a later `evaluate` draws them
+        pool_for=init_pool(cond, runs),
         probes=probes,
         real_per_probe=_int_or_all(real_per_probe),
         trained_probes=trained_probes,
