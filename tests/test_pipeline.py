@@ -148,13 +148,19 @@ def test_killed_stats_run_resumes_without_recomputing(ray_local, shards, tmp_pat
         stderr=subprocess.DEVNULL,
     )
     progress = os.path.join(stats_dir(run_dir), PROGRESS_JSON)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if os.path.exists(progress) and len(storage.read_json(progress)["done_units"]) >= 2:
-            break
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
-    proc.wait()
+    # Waits for two committed units, however slow the machine (a 120 s wait once ran out on a
+    # loaded one); the deadline only guards against a hang.
+    deadline = time.monotonic() + 900
+    try:
+        while not (
+            os.path.exists(progress) and len(storage.read_json(progress)["done_units"]) >= 2
+        ):
+            assert proc.poll() is None, "the run ended before two units were committed"
+            assert time.monotonic() < deadline, "no two units committed in 900 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+        proc.wait()
     done = storage.read_json(progress)["done_units"]
     units = len(storage.list_shards(shards))  # one shard per unit
     assert 2 <= len(done) < units, "the run must be killed mid-way"
