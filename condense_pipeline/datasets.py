@@ -39,7 +39,7 @@ class Profile:
     # (RESULTS.md "M3D at IPC 10 with R = 20,480", issue 16): at its R = 20,480, 1000 steps,
     # K = 200, M = 32 and 1000 evaluation epochs, m3d led dm on validation at IPC 1 (93.29
     # against 86.43 %) and IPC 10 (96.74 against 96.37 %; dm at 10,000 steps 96.63 %); on test
-    # it scored 94.72 % at IPC 1 (5 runs; dm 88.69 %) and 97.41 % at IPC 10 (2 runs; dm 96.88 %,
+    # it scored 94.72 % at IPC 1 (5 runs; dm 88.69 %) and 97.33 % at IPC 10 (5 runs; dm 96.88 %,
     # 97.06 % at 10,000 steps). A step costs 8x dm's (2 against 0.24 s at IPC 10 on 2 CPUs);
     # choose_method takes dm where m3d's estimate passes 12 h.
     # digits: dm led at IPC 10 on validation (94.67 % against m3d's best measured, 93.33 %).

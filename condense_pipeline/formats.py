@@ -24,6 +24,7 @@ EXPORT_DIR = "export"
 EVAL_DIR = "eval"
 REPORT_JSON = "report.json"
 BASELINE_JSON = "baseline.json"  # beside report.json: the keys each baseline run trained on
+EVAL_RUNS_DIR = "runs"  # beside report.json: one file per finished training run, for a rerun
 
 # Exported condensed set.
 # 2: the Parquet image column is a struct {bytes, path} with Hugging Face features (was png bytes)

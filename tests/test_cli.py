@@ -182,8 +182,15 @@ def test_a_run_without_evaluation_can_be_evaluated_later_with_its_baseline(digit
     ok(cli("run", "digits", "--ipc", "1", "--method", "dm", "--probes", "4", "--iterations", "5",
            "--runs", "2", "--no-eval", "--data", data, "--out", str(tmp_path)))  # fmt: skip
     (folder,) = (tmp_path / "condense").iterdir()
-    report = ok(cli("evaluate", str(folder), "--test", test, "--epochs", "1", "--runs", "2"))
+    evaluate = ("evaluate", str(folder), "--test", test, "--epochs", "1", "--runs", "2")
+    report = ok(cli(*evaluate))
     assert "vs random real" in report
+    # and the same evaluation again trains nothing: its runs were kept
+    again = ok(cli(*evaluate))
+    assert "eval: 4 of 4 training runs reused" in again
+    assert [line for line in again.splitlines() if line.startswith("accuracy")] == [
+        line for line in report.splitlines() if line.startswith("accuracy")
+    ]
 
 
 def _parquet_images(run_dir):

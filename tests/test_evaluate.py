@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 from condense_pipeline import formats, storage
 from condense_pipeline.condense.networks import MODELS, ConvNet, build_model
 from condense_pipeline.datasets import get_profile
-from condense_pipeline.errors import UserError
+from condense_pipeline.errors import Stopped, UserError
 from condense_pipeline.evaluate import (
     EvalConfig,
     dsa_collate,
@@ -182,6 +182,59 @@ def test_evaluate_condensed_reports_and_writes(tmp_path):
     assert report["float_vs_png_max_abs_diff"] <= 0.5 / 255 / DIGITS.std[0] + 1e-5
     assert len(lines) == 4
     assert storage.read_json(storage.join(report_dir, formats.REPORT_JSON)) == report
+    assert storage.is_done(report_dir)
+
+
+def test_a_rerun_trains_only_the_runs_it_does_not_find(tmp_path):
+    """Bugs caught: a stopped or extended evaluation retraining its finished runs (hours each on
+    ImageNet), and a kept run reused for another recipe or another test split."""
+    out, _ = exported(tmp_path)
+    test_x, test_y = separable(10, seed=2)
+    train_x, train_y = separable(20, seed=3)  # room for three disjoint subsets
+    report_dir = str(tmp_path / "eval")
+
+    def evaluate(cfg, test=(test_x, test_y)):
+        lines = []
+        report = evaluate_condensed(
+            out, *test, train_x, train_y, DIGITS, 2, 4, cfg, lines.append, report_dir
+        )
+        return report, [line for line in lines if line.startswith("eval ")]
+
+    first, trained = evaluate(EvalConfig(epochs=2, runs=2, batch_size=8))
+    assert len(trained) == 4 and first["runs_reused"] == 0
+    more, trained = evaluate(EvalConfig(epochs=2, runs=3, batch_size=8))
+    assert len(trained) == 2 and all(" seed 2: " in line for line in trained)  # only seed 2 is new
+    assert more["runs_reused"] == 4
+    for part in ("condensed", "random_real"):
+        assert more[part]["runs"][:2] == first[part]["runs"]
+        assert more[part]["seeds"] == [0, 1, 2]
+    # another recipe or another test split trains everything again
+    assert len(evaluate(EvalConfig(epochs=3, runs=2, batch_size=8))[1]) == 4
+    other = separable(10, seed=4)
+    assert len(evaluate(EvalConfig(epochs=2, runs=2, batch_size=8), other)[1]) == 4
+
+
+def test_a_stopped_evaluation_says_what_it_kept_and_a_rerun_finishes_it(tmp_path):
+    out, _ = exported(tmp_path)
+    test_x, test_y = separable(10, seed=2)
+    cfg = EvalConfig(epochs=2, runs=3, batch_size=8)
+    report_dir = str(tmp_path / "eval")
+
+    def stop_after_two(line):  # Ctrl-C after the second run has finished
+        if line.startswith("eval condensed seed 1"):
+            raise KeyboardInterrupt
+
+    args = (out, test_x, test_y, None, None, DIGITS, 2, 4, cfg)
+    runs_dir = storage.join(report_dir, formats.EVAL_RUNS_DIR)
+    with pytest.raises(Stopped, match=rf"^evaluate: 2 of 3 training runs kept \({runs_dir}\)$"):
+        evaluate_condensed(*args, stop_after_two, report_dir)
+    assert not storage.is_done(report_dir)
+    lines = []
+    report = evaluate_condensed(*args, lines.append, report_dir)
+    assert [line for line in lines if line.startswith("eval ")][-1].startswith(
+        "eval condensed seed 2"
+    )
+    assert report["runs_reused"] == 2 and len(report["condensed"]["runs"]) == 3
     assert storage.is_done(report_dir)
 
 

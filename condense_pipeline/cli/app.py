@@ -374,7 +374,7 @@ def condense(
         for line in condense_plan(profile, cfg):
             say(line)
         return
-    with _stoppable():
+    with _stoppable("finished groups and the groups' checkpoints are kept"):
         result = run_condense(run_dir, cfg, address=address, progress=say)
     _print_condense(result.summary())
     say(f"condensed {len(result.labels)} images into {result.folder}")
@@ -429,7 +429,8 @@ def evaluate(
     address: str = ADDRESS,
 ) -> None:
     """Train on the exported set and on random real subsets; test on the real test split.
-    Each training run is a Ray task, so runs go in parallel as far as the cluster allows."""
+    Each training run is a Ray task, so runs go in parallel as far as the cluster allows; each
+    finished run is kept, so a rerun (stopped, or with more --runs) trains only what it lacks."""
     if split not in (TEST, VALIDATION):
         raise UserError(f"--split must be {TEST} or {VALIDATION}, not {split!r}")
     from condense_pipeline import api
@@ -440,17 +441,18 @@ def evaluate(
     profile, _ = _profile_of_run(run_dir)
     ecfg = EvalConfig(model=model, epochs=epochs or profile.eval_epochs, runs=runs)
     ensure_ray(address)
-    report = api.evaluate(
-        run_dir,
-        cfg,
-        profile,
-        ecfg,
-        test,
-        progress=say,
-        split=split,
-        use_ray=True,
-        baseline=baseline,
-    )
+    with _stoppable("finished evaluation runs are kept"):
+        report = api.evaluate(
+            run_dir,
+            cfg,
+            profile,
+            ecfg,
+            test,
+            progress=say,
+            split=split,
+            use_ray=True,
+            baseline=baseline,
+        )
     _print_report(report)
 
 
@@ -568,7 +570,7 @@ def run(
         overwrite=overwrite,
         train_probes=tcfg,
     )
-    with _stoppable():
+    with _stoppable("committed statistics, finished groups and finished evaluation runs are kept"):
         summary = api.run(cfg, progress=say)
     _print_stats(summary.stats, summary.stats["reused"])
     if overwrite:
@@ -658,13 +660,14 @@ def _interrupt(signum, frame) -> None:
 
 
 @contextlib.contextmanager
-def _stoppable():
-    """Ctrl-C or SIGTERM in a stage that does not say what it committed (the stats stage does)
-    becomes a Stopped that says what a rerun keeps (click would print "Aborted!" and leave)."""
+def _stoppable(kept: str):
+    """Ctrl-C or SIGTERM where no stage says what it committed (the stats, condense and
+    evaluation loops do) becomes a Stopped that says what a rerun keeps (click would print
+    "Aborted!" and leave)."""
     try:
         yield
     except KeyboardInterrupt:
-        raise Stopped("finished groups and the groups' checkpoints are kept") from None
+        raise Stopped(kept) from None
 
 
 def _stop(what: str) -> None:

@@ -15,6 +15,8 @@ Tensors are images in the profile's normalised space [n, C, H, W] float32 and la
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -29,7 +31,7 @@ from condense_pipeline import formats, storage
 from condense_pipeline.condense.augment import augment_batch
 from condense_pipeline.condense.networks import MODELS, seeded_model
 from condense_pipeline.datasets import Profile
-from condense_pipeline.errors import UserError
+from condense_pipeline.errors import Stopped, UserError
 from condense_pipeline.evaluate.loader import load_condensed
 
 log = logging.getLogger(__name__)
@@ -257,16 +259,19 @@ def _timed_run(x, y, test_x, test_y, profile, num_classes, cfg, seed):
     return accuracy, per_class, time.perf_counter() - started
 
 
-def _train_runs(jobs, sets, test_x, test_y, profile, num_classes, cfg, progress, use_ray) -> dict:
-    """(accuracy, per-class accuracy) per job (set name, seed); sets[job] is its (x, y). With
-    `use_ray` every run is a
-    Ray task (one GPU each where there are GPUs), so runs go in parallel as far as the cluster
-    allows, and each tensor is put in the object store once and passed by reference; otherwise
-    they run one after another here."""
+def _train_runs(
+    jobs, sets, test_x, test_y, profile, num_classes, cfg, progress, use_ray, keep
+) -> dict:
+    """(accuracy, per-class accuracy) per job (set name, seed); sets[job] is its (x, y).
+    `keep(job, result)` is called as each run finishes, before the next is awaited. With
+    `use_ray` every run is a Ray task (one GPU each where there are GPUs), so runs go in parallel
+    as far as the cluster allows, and each tensor is put in the object store once and passed by
+    reference; otherwise they run one after another here."""
     accuracy = {}
 
     def record(job, result):
         accuracy[job] = result[:2]
+        keep(job, result)
         line = f"eval {job[0]} seed {job[1]}: {result[0]:.2f}% ({result[2]:.1f} s)"
         log.info(line)
         if progress is not None:
@@ -298,6 +303,26 @@ def _train_runs(jobs, sets, test_x, test_y, profile, num_classes, cfg, progress,
     return accuracy
 
 
+def _digest(*tensors: torch.Tensor) -> str:
+    """A hash of the tensors' shapes, types and values (hashed in place: a test split of several
+    GB is not copied)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        a = t.detach().cpu().contiguous().numpy()
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def _run_file(job: tuple[str, int], train: str, test: str, cfg, profile, num_classes) -> str:
+    """The name a finished run is kept under: its set and seed, and a hash of all it depends on
+    (the recipe, the classes, the training images, the test images), so that a rerun reuses a
+    run only when it would train and test the same."""
+    what = {"recipe": recipe(cfg, profile.augment), "classes": num_classes, "seed": job[1]}
+    key = hashlib.sha256((json.dumps(what, sort_keys=True) + train + test).encode()).hexdigest()
+    return f"{job[0].replace(' ', '-')}-seed{job[1]}-{key[:16]}.json"
+
+
 def evaluate_condensed(
     export_dir: str,
     test_x: torch.Tensor,
@@ -324,7 +349,9 @@ def evaluate_condensed(
     skip the baseline. `train_keys` (the keys of train_x) name each run's images in
     baseline.json beside the report; `inputs` (what the report was computed from) goes into
     the report. With `report_dir` the report is written there as report.json, followed by the
-    completion marker. `use_ray`: train the runs as Ray tasks.
+    completion marker, and each finished training run is kept in its runs/ folder as it
+    finishes: a rerun (after a stop, or with more runs) trains only the runs it does not find
+    there for the same recipe, images and test split. `use_ray`: train the runs as Ray tasks.
     """
     started = time.perf_counter()
     condensed = load_condensed(export_dir)
@@ -338,9 +365,37 @@ def evaluate_condensed(
         subsets = random_real_subsets(train_y, ipc, seeds, num_classes)
         for seed, idx in zip(seeds, subsets):
             sets[("random real", seed)] = (train_x[idx], train_y[idx])
-    accuracy = _train_runs(
-        list(sets), sets, test_x, test_y, profile, num_classes, cfg, progress, use_ray
-    )
+    accuracy, files = {}, {}
+    if report_dir is not None:
+        runs_dir = storage.join(report_dir, formats.EVAL_RUNS_DIR)
+        test = _digest(test_x, test_y)
+        for job, (x, y) in sets.items():
+            name = _run_file(job, _digest(x, y), test, cfg, profile, num_classes)
+            files[job] = storage.join(runs_dir, name)
+            if storage.exists(files[job]):
+                kept = storage.read_json(files[job])
+                accuracy[job] = (kept["accuracy"], kept["per_class"])
+        if accuracy:
+            line = f"eval: {len(accuracy)} of {len(sets)} training runs reused ({runs_dir})"
+            log.info(line)
+            if progress is not None:
+                progress(line)
+
+    def keep(job, result):
+        if job in files:
+            kept = {"accuracy": result[0], "per_class": result[1], "seconds": result[2]}
+            storage.write_json(files[job], kept)
+
+    todo = [job for job in sets if job not in accuracy]
+    try:
+        accuracy |= _train_runs(
+            todo, sets, test_x, test_y, profile, num_classes, cfg, progress, use_ray, keep
+        )
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the finished runs are on disk
+        if not files:
+            raise
+        kept = sum(storage.exists(f) for f in files.values())
+        raise Stopped(f"evaluate: {kept} of {len(files)} training runs kept ({runs_dir})") from None
 
     def summary(name: str) -> dict | None:
         runs = [accuracy[job] for job in sets if job[0] == name]
@@ -360,6 +415,7 @@ def evaluate_condensed(
         "epochs": cfg.epochs,
         "model": cfg.model,
         "runs": cfg.runs,
+        "runs_reused": len(sets) - len(todo),
         "num_train_condensed": len(syn_y),
         "num_test": len(test_y),
         "float_vs_png_max_abs_diff": condensed.manifest.get("float_vs_png_max_abs_diff"),
