@@ -34,6 +34,7 @@ from condense_pipeline.condense.device import chunk_size, image_bytes
 from condense_pipeline.condense.experts import experts_dir
 from condense_pipeline.condense.loop import LoopState, condense_loop
 from condense_pipeline.condense.sampling import derive_seed
+from condense_pipeline.condense.stats import ClassStats
 from condense_pipeline.condense.synthetic import decode_factor, initial_images
 from condense_pipeline.condense.targets import BankTargets, OnlineTargets
 from condense_pipeline.config import CondenseConfig, check_pool
@@ -269,6 +270,18 @@ def _load_state(location: str, device) -> LoopState:
     )
 
 
+def initial_state(
+    stats: ClassStats, classes: list[int], g: int, cfg: CondenseConfig, bank: ProbeBank
+) -> LoopState:
+    """Step 0 of group g (`classes`, whose statistics `stats` holds in that order): the initial
+    images from the init pools, on the bank's device, clamped to the valid pixel range."""
+    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "init", g, *classes))
+    pools = [stats.pool(i)[0] for i in range(len(classes))]
+    init = initial_images(pools, cfg.ipc, cfg.factor, cfg.init, bank.normalize, generator)
+    init = torch.maximum(torch.minimum(init.to(bank.device), bank.pixel_high), bank.pixel_low)
+    return LoopState(0, init, torch.zeros_like(init))
+
+
 def condense_group(
     run_dir: str,
     cfg: CondenseConfig,
@@ -301,13 +314,7 @@ def condense_group(
         state = _load_state(ckpt, device)
         log.info("group %d: resuming at step %d", g, state.step)
     else:
-        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "init", g, *classes))
-        pools = [stats.pool(i)[0] for i in range(len(classes))]
-        init = initial_images(pools, cfg.ipc, cfg.factor, cfg.init, bank.normalize, generator).to(
-            device
-        )
-        init = torch.maximum(torch.minimum(init, bank.pixel_high), bank.pixel_low)
-        state = LoopState(0, init, torch.zeros_like(init))
+        state = initial_state(stats, classes, g, cfg, bank)
     if cfg.targets == "bank":
         targets = BankTargets(bank, stats, classes, load_bandwidths(run_dir), cfg)
     else:
