@@ -143,10 +143,8 @@ def _gpu_memory() -> int:
 
 
 def condense_hours(profile: Profile, method: str, ipc: int, plan: ClusterPlan) -> float:
-    """Estimated hours of the condensation at the profile's steps and the method's preset."""
-    from condense_pipeline.config import PRESETS
-
-    images = profile.num_classes * ipc * PRESETS[method].factor ** 2 * profile.steps_for(method)
+    """Estimated hours of the condensation at the profile's steps and factor."""
+    images = profile.num_classes * ipc * profile.factor_for(method) ** 2 * profile.steps_for(method)
     scale = (64 / profile.resolution) ** 2
     rate = GPU_IMAGES_PER_S * plan.gpus if plan.gpus else CPU_THREAD_IMAGES_PER_S * plan.cpus
     return images / (rate * scale) / 3600
