@@ -20,7 +20,7 @@ Every row uses the settings of the CPU rows in RESULTS.md: K = 200 probes, M = 3
 class per probe, R = 20,480 (MNIST's profile), an init pool of 300, seed 0, the method presets,
 1000 evaluation epochs. Parts, in the order they run (`--parts`):
 
-- check: m3d IPC 1 and dm IPC 10 on test, rows the CPU measured (94.72 ± 0.11 and 96.88 ± 0.04 %),
+- check: m3d IPC 1 and dm IPC 10 on test, rows the CPU measured (94.72 ± 0.11 and 96.88 ± 0.05 %),
   so the GPU path is compared with the CPU one before its new rows are read;
 - ipc50 (issue 16): dm, m3d and datadam at IPC 50, 1000 steps, and random real, on test;
 - steps (issue 16): m3d at IPC 10 against steps (one condensation, read at 1000, 3000 and 10,000
