@@ -52,7 +52,7 @@ import torch
 from condense_pipeline import storage
 from condense_pipeline.condense.bank import ProbeBank, pilot_bandwidths
 from condense_pipeline.condense.experts import EXPERTS_JSON, save_expert, train_expert
-from condense_pipeline.condense.loop import condense_loop
+from condense_pipeline.condense.loop import condense_loop, initial_state
 from condense_pipeline.condense.sampling import pool_hashes
 from condense_pipeline.condense.stats import ClassStats, accumulate
 from condense_pipeline.condense.synthetic import decode_factor
@@ -71,7 +71,6 @@ from condense_pipeline.evaluate.protocol import (
 )
 from condense_pipeline.formats import ERROR, IMAGE, KEY, LABEL, TEST, TRAIN, VALIDATION
 from condense_pipeline.pipeline import read
-from condense_pipeline.pipeline.condense import initial_state
 from condense_pipeline.pipeline.pilot import pilot_prefix
 from condense_pipeline.pipeline.stats import bank_spec, dataset_fingerprint
 from condense_pipeline.pipeline.train_probes import expert_recipe
@@ -376,7 +375,7 @@ def main() -> None:
     header = {
         "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.machine(),
         "torch": torch.__version__,
-        "budget": {k: v for k, v in b.items()},
+        "budget": dict(b),
         "tiny": args.tiny,
     }
     ecfg = EvalConfig(epochs=b["epochs"], device=device)

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 import torch
 
 from condense_pipeline.condense.bank import ProbeBank
-from condense_pipeline.condense.synthetic import decode_factor
+from condense_pipeline.condense.sampling import derive_seed
+from condense_pipeline.condense.stats import ClassStats
+from condense_pipeline.condense.synthetic import decode_factor, initial_images
 from condense_pipeline.condense.targets import StepTargets
 from condense_pipeline.config import CondenseConfig
 
@@ -25,6 +27,18 @@ class LoopState:
     images: torch.Tensor  # [G * ipc, C, H, W], normalised space, ordered by class
     velocity: torch.Tensor  # SGD momentum buffer, same shape
     history: list[dict] = field(default_factory=list)  # {"step", "loss", "seconds"}
+
+
+def initial_state(
+    stats: ClassStats, classes: list[int], g: int, cfg: CondenseConfig, bank: ProbeBank
+) -> LoopState:
+    """Step 0 of group g (`classes`, whose statistics `stats` holds in that order): the initial
+    images from the init pools, on the bank's device, clamped to the valid pixel range."""
+    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "init", g, *classes))
+    pools = [stats.pool(i)[0] for i in range(len(classes))]
+    init = initial_images(pools, cfg.ipc, cfg.factor, cfg.init, bank.normalize, generator)
+    init = torch.maximum(torch.minimum(init.to(bank.device), bank.pixel_high), bank.pixel_low)
+    return LoopState(0, init, torch.zeros_like(init))
 
 
 def image_lr(cfg: CondenseConfig, std: tuple[float, ...], device) -> torch.Tensor:

@@ -369,8 +369,11 @@ def evaluate_condensed(
     if report_dir is not None:
         runs_dir = storage.join(report_dir, formats.EVAL_RUNS_DIR)
         test = _digest(test_x, test_y)
+        digests = {}  # by tensor identity: the condensed set, shared by every seed, hashed once
         for job, (x, y) in sets.items():
-            name = _run_file(job, _digest(x, y), test, cfg, profile, num_classes)
+            if id(x) not in digests:
+                digests[id(x)] = _digest(x, y)
+            name = _run_file(job, digests[id(x)], test, cfg, profile, num_classes)
             files[job] = storage.join(runs_dir, name)
             if storage.exists(files[job]):
                 kept = storage.read_json(files[job])

@@ -32,10 +32,8 @@ from condense_pipeline import storage
 from condense_pipeline.condense.bank import NEEDS, BankSpec, ProbeBank
 from condense_pipeline.condense.device import chunk_size, image_bytes
 from condense_pipeline.condense.experts import experts_dir
-from condense_pipeline.condense.loop import LoopState, condense_loop
-from condense_pipeline.condense.sampling import derive_seed
-from condense_pipeline.condense.stats import ClassStats
-from condense_pipeline.condense.synthetic import decode_factor, initial_images
+from condense_pipeline.condense.loop import LoopState, condense_loop, initial_state
+from condense_pipeline.condense.synthetic import decode_factor
 from condense_pipeline.condense.targets import BankTargets, OnlineTargets
 from condense_pipeline.config import CondenseConfig, check_pool
 from condense_pipeline.errors import Stopped, UserError
@@ -268,18 +266,6 @@ def _load_state(location: str, device) -> LoopState:
     return LoopState(
         int(t["step"]), t["images"].to(device), t["velocity"].to(device), _json(t["history"])
     )
-
-
-def initial_state(
-    stats: ClassStats, classes: list[int], g: int, cfg: CondenseConfig, bank: ProbeBank
-) -> LoopState:
-    """Step 0 of group g (`classes`, whose statistics `stats` holds in that order): the initial
-    images from the init pools, on the bank's device, clamped to the valid pixel range."""
-    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "init", g, *classes))
-    pools = [stats.pool(i)[0] for i in range(len(classes))]
-    init = initial_images(pools, cfg.ipc, cfg.factor, cfg.init, bank.normalize, generator)
-    init = torch.maximum(torch.minimum(init.to(bank.device), bank.pixel_high), bank.pixel_low)
-    return LoopState(0, init, torch.zeros_like(init))
 
 
 def condense_group(
