@@ -9,9 +9,10 @@ images per class from the init pool after the init's images, the same protocol, 
 statistics pass per dataset (`--method all`) serves every row of that dataset. Part `online`:
 MNIST, IPC 10, dm with the probe bank against `--targets online` (a fresh network and real batch
 every step; `--online-batch` real images per class per step) at the same number of steps. Part
-`sweep`: MNIST, IPC 10, dm, the bank's accuracy as K (probes) and M (real images per class per
-probe) vary (`--sweep 200x16,10x256,...`); one statistics pass per (K, M). The sweep scores each
-point on the validation split `prepare` held out and reports only the chosen point on test.
+`sweep`: MNIST, dm at each IPC of `--ipcs`, the bank's accuracy as K (probes) and M (real images
+per class per probe) vary (`--sweep 200x16,10x256,...`); one statistics pass per (K, M). The
+sweep scores each point on the validation split `prepare` held out and reports only the chosen
+point on test.
 
 Part `steps` (issue 16): accuracy against condensation steps. For every IPC (`--ipcs`) and method
 (`--methods`), a condensation at each step count of `--step-points`, scored on the validation split,
@@ -335,20 +336,24 @@ def online_part(s: Setting, results: Results, batches: list[int]) -> None:
 
 
 def sweep_part(s: Setting, results: Results, points: list[tuple[int, int | None]]) -> None:
-    """dm at IPC 10 with banks of K probes and M real images per class per probe, each scored
-    on the validation split; the point with the best validation accuracy is then reported on
-    the test split (never chosen on it)."""
-    rows = {}
-    for k, m in [(s.budget.probes, s.budget.real_per_probe), *points]:
+    """dm at each IPC of `--ipcs` with banks of K probes and M real images per class per probe,
+    each scored on the validation split; the point with the best validation accuracy is then
+    reported on the test split (never chosen on it)."""
+    for ipc in s.ipcs:
+        rows = {}
+        for k, m in [(s.budget.probes, s.budget.real_per_probe), *points]:
+            run_dir = os.path.join(s.work, "runs", f"{s.name}-K{k}-M{m}")
+            args = (s, "dm", ipc, run_dir, k, m, ("dm",), VALIDATION)
+            key = f"sweep/{s.name}/ipc{ipc}/dm/K{k}/M{m}"
+            rows[(k, m)] = results.get_or_run(key, condense_and_evaluate, *args)
+        (k, m), best = max(rows.items(), key=lambda kv: kv[1]["condensed"]["mean"])
+        say(
+            f"sweep: K {k}, M {m} is best on validation at IPC {ipc} "
+            f"({best['condensed']['mean']:.2f}%)"
+        )
         run_dir = os.path.join(s.work, "runs", f"{s.name}-K{k}-M{m}")
-        args = (s, "dm", 10, run_dir, k, m, ("dm",), VALIDATION)
-        key = f"sweep/{s.name}/ipc10/dm/K{k}/M{m}"
-        rows[(k, m)] = results.get_or_run(key, condense_and_evaluate, *args)
-    (k, m), best = max(rows.items(), key=lambda kv: kv[1]["condensed"]["mean"])
-    say(f"sweep: K {k}, M {m} is best on validation ({best['condensed']['mean']:.2f}%)")
-    run_dir = os.path.join(s.work, "runs", f"{s.name}-K{k}-M{m}")
-    args = (s, "dm", 10, run_dir, k, m, ("dm",), TEST)
-    results.get_or_run(f"chosen/{s.name}/ipc10/dm/K{k}/M{m}", condense_and_evaluate, *args)
+        args = (s, "dm", ipc, run_dir, k, m, ("dm",), TEST)
+        results.get_or_run(f"chosen/{s.name}/ipc{ipc}/dm/K{k}/M{m}", condense_and_evaluate, *args)
 
 
 def steps_part(s: Setting, results: Results, methods: list[str], points: list[int]) -> None:
