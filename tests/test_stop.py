@@ -15,6 +15,7 @@ import time
 import pytest
 
 from condense_pipeline import storage
+from condense_pipeline.condense.experts import experts_dir, weight_path
 from condense_pipeline.pipeline import read
 from condense_pipeline.pipeline.commits import PROGRESS_JSON
 from condense_pipeline.pipeline.stats import stats_dir
@@ -96,6 +97,38 @@ def test_a_signal_stops_the_stats_pass_with_one_line_and_a_rerun_resumes(
     assert sorted(int(u) - 1 for u in done) == sorted(set(range(units)) - set(committed))
     images = sum(read.load_dataset_info(shards)["counts"])
     assert f"stats: {images} images" in rerun.stdout
+
+
+def test_ctrl_c_stops_train_probes_with_one_line_and_keeps_the_finished_experts(
+    shards, ray_tmp, tmp_path
+):
+    """Bug caught: Ray Train's fit() put in its own SIGINT handler, which aborted the run and
+    left with exit code 1 and no line saying what was kept."""
+    run_dir = str(tmp_path / "run")
+    args = [*CLI, "train-probes", "digits", "--data", shards, "--out", run_dir]
+    args += ["--experts", "3", "--epochs", "5"]
+    proc = _start(args, {**os.environ, "RAY_TMPDIR": ray_tmp})
+    folder = experts_dir(run_dir)
+    deadline = time.monotonic() + 300
+    while not os.path.exists(weight_path(folder, 0, "final")):  # the first expert is kept
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=STOP_S)
+    assert proc.returncode == 130, err[-3000:]
+    kept = sum(os.path.exists(weight_path(folder, e, "final")) for e in range(3))
+    assert 1 <= kept < 3, "the stage must be stopped mid-way"
+    # the line can follow a progress bar that the training worker's Ray Data left unfinished
+    assert err.count("stopped:") == 1, err[-3000:]
+    assert (
+        f"stopped: train-probes: {kept} of 3 experts trained and kept; "
+        "rerun the same command to resume\n"
+    ) in err
+    # (Ray Train's placement-group monitor prints its own traceback, from its actor, when
+    # another Ray runs on the machine; the command itself must print none)
+    command = [line for line in err.splitlines() if "pid=" not in line]
+    assert not any("Traceback" in line for line in command), err[-3000:]
+    assert not _processes_of(ray_tmp)
 
 
 def _processes_of(ray_tmp: str) -> list[int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 
@@ -139,7 +140,28 @@ def _fit(recipe, fingerprint, folder, todo, dataset, requested) -> None:
             dataset_config=ray.train.DataConfig(datasets_to_split=[]),
             run_config=ray.train.RunConfig(name="train-probes", storage_path=scratch),
         )
-        trainer.fit()
+        _off_the_main_thread(trainer.fit)
+
+
+def _off_the_main_thread(fit) -> None:
+    """Run `fit` in a thread while the main thread waits for it. Called from the main thread,
+    Ray Train's fit() puts in its own SIGINT handler, which aborts the run and exits with code 1
+    before the stage can say what it kept; from another thread it does not, so Ctrl-C reaches
+    the main thread as KeyboardInterrupt, as in every other stage."""
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            fit()
+        except BaseException as e:  # handed to the main thread
+            failure.append(e)
+
+    thread = threading.Thread(target=target, name="train-probes", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # a timed wait, so the main thread takes signals
+    if failure:
+        raise failure[0]
 
 
 def _train_loop(config: dict) -> None:
