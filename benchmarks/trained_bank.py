@@ -38,7 +38,6 @@ from condense_pipeline import storage
 from condense_pipeline.condense.bank import BankSpec
 from condense_pipeline.condense.experts import EXPERTS_JSON
 from condense_pipeline.condense.loop import initial_state
-from condense_pipeline.condense.sampling import derive_seed
 from condense_pipeline.config import TrainProbesConfig, condense_config, stats_config
 from condense_pipeline.datasets import get_profile
 from condense_pipeline.evaluate.protocol import EvalConfig
@@ -48,11 +47,12 @@ from condense_pipeline.pipeline import read
 BETA_LOW = [0.0]  # the lower end of beta's range, read by the patched draw below
 
 
+_DRAW = BankSpec.trained_probe  # beta uniform in [0, 1)
+
+
 def trained_probe(spec: BankSpec, k: int) -> tuple[int, float]:
-    """BankSpec.trained_probe with beta uniform in [BETA_LOW, 1) (the same draws, rescaled)."""
-    g = torch.Generator().manual_seed(derive_seed(spec.seed, "trained", k))
-    expert = int(torch.randint(spec.experts, (1,), generator=g))
-    u = float(torch.rand(1, generator=g, dtype=torch.float64))
+    """The tool's draw with beta rescaled into [BETA_LOW, 1) (the same expert, the same u)."""
+    expert, u = _DRAW(spec, k)
     return expert, BETA_LOW[0] + (1 - BETA_LOW[0]) * u
 
 
@@ -74,12 +74,9 @@ def name_of(v: dict) -> str:
     if v["random"]:
         return f"random bank, lr {v['lr']:g}, {v['steps']:g} steps"
     parts = [f"beta in [{v['beta']:g}, 1)" if v["beta"] < 1 else "beta 1 (initial weights)"]
-    for key in ("experts", "trained"):
-        if v[key] is not None:
-            parts.append(f"{key} {v[key]:g}")
-    return ", ".join([*parts, f"calibration {v['calibration']:g}, lr {v['lr']:g}"]) + (
-        f", {v['steps']:g} steps"
-    )
+    parts += [f"{key} {v[key]:g}" for key in ("experts", "trained") if v[key] is not None]
+    parts += [f"calibration {v['calibration']:g}", f"lr {v['lr']:g}", f"{v['steps']:g} steps"]
+    return ", ".join(parts)
 
 
 def main() -> None:
