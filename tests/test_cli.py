@@ -2,6 +2,7 @@
 
 import json
 import re
+import socket
 import subprocess
 import sys
 
@@ -98,6 +99,13 @@ def ok(out):
     return out.stdout
 
 
+def silent_address() -> str:
+    """A local address where nothing listens (a port the OS just handed out and took back)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
 def group_files(folder):
     """Each condensation group's files with their modification times."""
     return {p: p.stat().st_mtime_ns for p in folder.glob("group-*/*")}
@@ -164,6 +172,19 @@ def test_every_command_and_a_rerun_that_resumes(digits_data, tmp_path):
     assert refused.returncode == 2 and "probes: 4 -> 6" in refused.stderr
     lacking = cli("condense", str(run_dir), "--ipc", "1", "--method", "m3d")
     assert lacking.returncode == 2 and "rff" in lacking.stderr
+    assert group_files(folder) == stamps
+    # A cluster that cannot be joined: one line in seconds (ray.init retries there for minutes), and
+    # --overwrite has deleted nothing.
+    bank = (run_dir / "stats" / "bank.json").read_bytes()
+    address = silent_address()
+    lost = cli("stats", "digits", "--data", data, "--out", str(run_dir), "--probes", "6",
+               "--overwrite", "--address", address)  # fmt: skip
+    assert lost.returncode == 2
+    assert lost.stderr.strip().splitlines() == [
+        f"error: no Ray cluster answers at {address} (Connection refused); check --address or "
+        "RAY_ADDRESS, or start one with `ray start --head`"
+    ]
+    assert (run_dir / "stats" / "bank.json").read_bytes() == bank
     assert group_files(folder) == stamps
 
     # Replaced statistics: the condensation made from the old ones is named, and shown stale.

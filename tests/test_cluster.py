@@ -502,6 +502,19 @@ def test_ray_job_submit_runs_the_cli(shards, tmp_path):
     out = tmp_path / "run"
     try:
         _wait_for(lambda: _listening(dashboard), "the dashboard", 180)
+        # Joined directly without the token, the CLI says in one line what to set.
+        no_token = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+        refused = subprocess.run(
+            [
+                *(sys.executable, "-m", "condense_pipeline.cli.app", "stats", "digits"),
+                *(f"--data={shards}", f"--out={tmp_path / 'refused'}"),
+                f"--address=127.0.0.1:{gcs}",
+            ],
+            env=no_token,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         submit = subprocess.run(
             [
                 ray_cli,
@@ -532,6 +545,9 @@ def test_ray_job_submit_runs_the_cli(shards, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "uses token authentication; set RAY_AUTH_MODE=token" in refused.stderr.splitlines()[-1]
+    assert not (tmp_path / "refused").exists()
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert "succeeded" in submit.stdout + submit.stderr
     assert "outputs:" in submit.stdout

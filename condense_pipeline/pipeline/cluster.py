@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 from dataclasses import dataclass
 
@@ -22,18 +23,45 @@ def ensure_ray(address: str | None = None) -> None:
     # "local" starts a Ray of our own: without it, ray.init joins whatever cluster `ray start`
     # left on this machine
     address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address != "local":
+        _check_listening(address)
     caller = signal.getsignal(signal.SIGTERM)
-    ray.init(
-        address=address,
-        include_dashboard=False if address == "local" else None,
-        logging_level=logging.WARNING,
-        log_to_driver=True,
-    )
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False if address == "local" else None,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+        )
+    except ConnectionError as e:
+        cause = str(e.__cause__ or e.__context__)
+        if "Unauthenticated" in cause or "InvalidAuthToken" in cause:
+            raise UserError(
+                f"the Ray cluster at {address} refused us: it uses token authentication; set "
+                "RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN where ~/.ray/auth_token is not the "
+                "cluster's)"
+            ) from None
+        raise UserError(f"cannot join the Ray cluster at {address}: {e}") from None
     # ray.init makes SIGTERM a sys.exit; a handler of the caller's (the CLI stops cleanly on
     # it) comes first
     main = threading.current_thread() is threading.main_thread()
     if main and caller not in (signal.SIG_DFL, signal.SIG_IGN, None):
         signal.signal(signal.SIGTERM, caller)
+
+
+def _check_listening(address: str) -> None:
+    """Fail in seconds where nothing listens at a host:port address: ray.init keeps retrying
+    there for about a quarter of an hour (seen with Ray 2.60), saying nothing useful."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and the like: Ray finds those itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as e:
+        raise UserError(
+            f"no Ray cluster answers at {address} ({e.strerror or e}); check --address or "
+            "RAY_ADDRESS, or start one with `ray start --head`"
+        ) from None
 
 
 @dataclass(frozen=True)

@@ -307,6 +307,7 @@ def run_stats(
     }
     if storage.exists(storage.join(folder, BANK_JSON)):
         if overwrite:
+            ensure_ray(address)  # a cluster that cannot be joined fails before the old ones go
             storage.delete(folder)
         elif _check_existing(folder, bank_json):
             return StatsResult(run_dir, True, storage.read_json(storage.join(folder, "_DONE")))
