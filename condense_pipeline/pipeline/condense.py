@@ -205,8 +205,11 @@ def run_condense(
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM
         raise Stopped(f"condense: {_committed(folder, groups, bank_json)}") from None
     finally:
-        for ref in pending:  # a failed or stopped stage leaves no tasks behind
-            ray.cancel(ref, force=True)
+        for ref, g in pending.items():  # a failed or stopped stage leaves no tasks behind
+            # but a group whose folder is done is returning: cancelling it races its reply,
+            # which Ray 2.60's driver can die of (ray#54798's race; seen once on Ctrl-C)
+            if not lineage.group_current(group_dir(folder, groups[g]), bank_json):
+                ray.cancel(ref, force=True)
     images, labels, history = [], [], []
     for g, group in enumerate(groups):
         t = st_load(storage.read_bytes(storage.join(group_dir(folder, group), RESULT)))
