@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import pytest
 import torch
 
 from condense_pipeline.condense.bank import BankSpec, ProbeBank
 from condense_pipeline.datasets import get_profile
+
+
+def free_port() -> int:
+    """A local port where nothing listens (one the OS just handed out and took back)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pytest_collection_modifyitems(config, items):

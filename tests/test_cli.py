@@ -2,12 +2,12 @@
 
 import json
 import re
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from conftest import free_port
 from typer.testing import CliRunner
 
 from condense_pipeline.cli.app import app
@@ -99,13 +99,6 @@ def ok(out):
     return out.stdout
 
 
-def silent_address() -> str:
-    """A local address where nothing listens (a port the OS just handed out and took back)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
-
-
 def group_files(folder):
     """Each condensation group's files with their modification times."""
     return {p: p.stat().st_mtime_ns for p in folder.glob("group-*/*")}
@@ -176,7 +169,7 @@ def test_every_command_and_a_rerun_that_resumes(digits_data, tmp_path):
     # A cluster that cannot be joined: one line in seconds (ray.init retries there for minutes), and
     # --overwrite has deleted nothing.
     bank = (run_dir / "stats" / "bank.json").read_bytes()
-    address = silent_address()
+    address = f"127.0.0.1:{free_port()}"
     lost = cli("stats", "digits", "--data", data, "--out", str(run_dir), "--probes", "6",
                "--overwrite", "--address", address)  # fmt: skip
     assert lost.returncode == 2

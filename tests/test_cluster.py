@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import ray
 import torch
+from conftest import free_port
 from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
@@ -455,12 +456,6 @@ def test_killed_driver_resumes_from_committed_units_and_checkpoints(cluster, sha
     _assert_images_close(images, _in_process_images(run_dir, cfg, tmp_path))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -468,7 +463,7 @@ def _listening(port: int) -> bool:
 
 @pytest.mark.cluster
 def test_ray_job_submit_runs_the_cli(shards, tmp_path):
-    gcs, dashboard, client, agent = (_free_port() for _ in range(4))
+    gcs, dashboard, client, agent = (free_port() for _ in range(4))
     ray_tmp = _ray_tmpdir()
     env = {
         **os.environ,

@@ -16,6 +16,7 @@ import time
 import pyarrow.fs as pafs
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load
 
 from condense_pipeline import storage
@@ -30,12 +31,6 @@ BUCKET = "condense"
 JOB = ["--ipc", "1", "--method", "dm", "--probes", "4", "--iterations", "20"]
 JOB_EVAL = [*JOB, "--epochs", "2", "--runs", "1"]
 SHARD_SIZE = "400"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for(port: int, server: subprocess.Popen, timeout: float = 60) -> None:
@@ -55,7 +50,7 @@ def _wait_for(port: int, server: subprocess.Popen, timeout: float = 60) -> None:
 def s3_env():
     """An S3 server on a free loopback port holding an empty bucket; yields the variables that
     point the AWS SDKs at it (what a user sets for MinIO or any S3-compatible store)."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
