@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from condense_pipeline import formats, storage
-from condense_pipeline.condense.networks import MODELS, ConvNet, build_model
+from condense_pipeline.condense.networks import MODELS, ConvNet, build_model, seeded_model
 from condense_pipeline.datasets import get_profile
 from condense_pipeline.errors import Stopped, UserError
 from condense_pipeline.evaluate import (
@@ -17,6 +17,7 @@ from condense_pipeline.evaluate import (
     random_real_subsets,
     train_and_test,
 )
+from condense_pipeline.evaluate.protocol import check_compile, trained_model
 from condense_pipeline.pipeline.export import export_condensed
 
 DIGITS = get_profile("digits")
@@ -130,6 +131,28 @@ def test_train_and_test_learns_a_separable_problem():
     assert accuracy >= 95.0
 
 
+def test_a_compiled_run_trains_the_same_network():
+    """Bug caught: --compile training another network than the recipe's (a compiled copy whose
+    parameters the optimiser does not step, or draws taken in another order)."""
+    x, y = separable(20, seed=0)
+    eager, compiled = (
+        dict(trained_model(x, y, x, DIGITS, 2, cfg, 0).named_parameters())
+        for cfg in (EvalConfig(epochs=2, batch_size=16, compile=c) for c in (False, True))
+    )
+    initial = dict(seeded_model("convnet", 0, 1, 8, 2).named_parameters())
+    for name, p in eager.items():
+        assert not torch.equal(compiled[name], initial[name])  # trained through the compiled one
+        torch.testing.assert_close(compiled[name], p, rtol=1e-3, atol=1e-4)
+
+
+def test_compile_without_a_cxx_compiler_fails_in_one_line(monkeypatch):
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", (None, "/nonexistent/c++"))
+    with pytest.raises(UserError, match=r"^--compile: torch.compile does not work here \("):
+        check_compile()
+
+
 def test_train_and_test_rejects_the_wrong_shape():
     x = torch.zeros(4, 3, 8, 8)
     y = torch.zeros(4, dtype=torch.int64)
@@ -205,6 +228,8 @@ def test_a_rerun_trains_only_the_runs_it_does_not_find(tmp_path):
     more, trained = evaluate(EvalConfig(epochs=2, runs=3, batch_size=8))
     assert len(trained) == 2 and all(" seed 2: " in line for line in trained)  # only seed 2 is new
     assert more["runs_reused"] == 4
+    # compiling changes how a run is computed, not what it trains: the kept runs are reused
+    assert evaluate(EvalConfig(epochs=2, runs=3, batch_size=8, compile=True))[1] == []
     for part in ("condensed", "random_real"):
         assert more[part]["runs"][:2] == first[part]["runs"]
         assert more[part]["seeds"] == [0, 1, 2]

@@ -48,6 +48,12 @@ STALL = typer.Option(
     "--stall-timeout",
     help="Fail a stage when no worker progresses this long (s, default 600).",
 )
+COMPILE = typer.Option(
+    False,
+    "--compile",
+    help="torch.compile the training network (20-30 s per run, then ~1.5x faster steps; "
+    "needs a C++ compiler).",
+)
 COMMIT = typer.Option(
     None,
     "--commit-interval",
@@ -426,6 +432,7 @@ def evaluate(
     baseline: bool = typer.Option(
         True, help="Train random real subsets of the same IPC too (the same for every method)."
     ),
+    compile: bool = COMPILE,
     address: str = ADDRESS,
 ) -> None:
     """Train on the exported set and on random real subsets; test on the real test split.
@@ -434,12 +441,14 @@ def evaluate(
     if split not in (TEST, VALIDATION):
         raise UserError(f"--split must be {TEST} or {VALIDATION}, not {split!r}")
     from condense_pipeline import api
-    from condense_pipeline.evaluate.protocol import EvalConfig
+    from condense_pipeline.evaluate.protocol import EvalConfig, check_compile
     from condense_pipeline.pipeline.cluster import ensure_ray
 
     run_dir, cfg = _load_condense_dir(condense_dir)
     profile, _ = _profile_of_run(run_dir)
-    ecfg = EvalConfig(model=model, epochs=epochs or profile.eval_epochs, runs=runs)
+    ecfg = EvalConfig(model=model, epochs=epochs or profile.eval_epochs, runs=runs, compile=compile)
+    if compile:
+        check_compile()
     ensure_ray(address)
     with _stoppable("finished evaluation runs are kept"):
         report = api.evaluate(
@@ -493,6 +502,7 @@ def run(
     calibration: float = CALIBRATION,
     epochs: int = typer.Option(None, help="Evaluation epochs (default: the profile's)."),
     runs: int = typer.Option(EVAL_RUNS, help="Evaluation runs."),
+    compile: bool = COMPILE,
     no_eval: bool = typer.Option(
         False, "--no-eval", help="Skip evaluation (the baseline's --runs images are still kept)."
     ),
@@ -505,7 +515,7 @@ def run(
 ) -> None:
     """The whole job: stats -> condense -> export -> evaluate (resumes when rerun)."""
     from condense_pipeline import api
-    from condense_pipeline.evaluate.protocol import EvalConfig
+    from condense_pipeline.evaluate.protocol import EvalConfig, check_compile
 
     profile = get_profile(dataset, resolution)
     if dataset == "digits" and data is None:
@@ -556,8 +566,13 @@ def run(
         for line in condense_plan(profile, cond):
             say(line)
         return
-    if not no_eval and test is None:
-        test = _data(profile, None, TEST)
+    ecfg = None
+    if not no_eval:
+        ecfg = EvalConfig(epochs=epochs or profile.eval_epochs, runs=runs, compile=compile)
+        if compile:
+            check_compile()
+        if test is None:
+            test = _data(profile, None, TEST)
     cfg = api.RunConfig(
         profile=profile,
         run_dir=out or os.path.join("runs", f"{dataset}-ipc{ipc}-{method}"),
@@ -565,7 +580,7 @@ def run(
         test=test,
         stats=scfg,
         condense=cond,
-        evaluate=None if no_eval else EvalConfig(epochs=epochs or profile.eval_epochs, runs=runs),
+        evaluate=ecfg,
         address=address,
         overwrite=overwrite,
         train_probes=tcfg,
