@@ -137,7 +137,7 @@ def test_a_compiled_run_trains_the_same_network():
     x, y = separable(20, seed=0)
     eager, compiled = (
         dict(trained_model(x, y, x, DIGITS, 2, cfg, 0).named_parameters())
-        for cfg in (EvalConfig(epochs=2, batch_size=16, compile=c) for c in (False, True))
+        for cfg in (EvalConfig(epochs=2, batch_size=20, compile=c) for c in (False, True))
     )
     initial = dict(seeded_model("convnet", 0, 1, 8, 2).named_parameters())
     for name, p in eager.items():
