@@ -1,10 +1,12 @@
 import math
+import re
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from condense_pipeline import formats, storage
+from condense_pipeline.cli.app import PROGRESS_LINES
 from condense_pipeline.condense.networks import MODELS, ConvNet, build_model, seeded_model
 from condense_pipeline.datasets import get_profile
 from condense_pipeline.errors import Stopped, UserError
@@ -14,6 +16,7 @@ from condense_pipeline.evaluate import (
     evaluate_condensed,
     load_condensed,
     load_condensed_ray,
+    protocol,
     random_real_subsets,
     train_and_test,
 )
@@ -21,6 +24,11 @@ from condense_pipeline.evaluate.protocol import check_compile, trained_model
 from condense_pipeline.pipeline.export import export_condensed
 
 DIGITS = get_profile("digits")
+
+
+def finished(lines: list[str]) -> list[str]:
+    """The lines that report a finished training run ("eval condensed seed 0: 98.00% (3.1 s)")."""
+    return [line for line in lines if re.match(r"eval .+ seed \d+: [\d.]+% \(", line)]
 
 
 def separable(n_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +192,8 @@ def test_eval_config_rejects_bad_values():
         EvalConfig(model="lenet9000")
 
 
-def test_evaluate_condensed_reports_and_writes(tmp_path):
+def test_evaluate_condensed_reports_and_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(protocol, "PROGRESS_SECONDS", 0.0)  # a line each tenth of the epochs
     out, _ = exported(tmp_path)
     test_x, test_y = separable(10, seed=2)
     train_x, train_y = separable(10, seed=3)
@@ -203,7 +212,17 @@ def test_evaluate_condensed_reports_and_writes(tmp_path):
     assert (report["ipc"], report["epochs"], report["model"]) == (4, 8, "convnet")
     assert report["num_train_condensed"] == 8
     assert report["float_vs_png_max_abs_diff"] <= 0.5 / 255 / DIGITS.std[0] + 1e-5
-    assert len(lines) == 4
+    assert len(finished(lines)) == 4
+    # every run tells its progress, and in order
+    assert [line.split(" (")[0] for line in lines if line.startswith("eval condensed seed 1:")] == [
+        *(f"eval condensed seed 1: epoch {e}/8" for e in range(1, 8)),
+        f"eval condensed seed 1: {report['condensed']['runs'][1]:.2f}%",
+    ]
+    # and Ray's log deduplication lets them through (the CLI's allow-list), only them
+    progress = [line for line in lines if " epoch " in line]
+    assert len(progress) == 4 * 7
+    assert all(re.match(PROGRESS_LINES, line) for line in progress)
+    assert not any(re.match(PROGRESS_LINES, line) for line in finished(lines))
     assert storage.read_json(storage.join(report_dir, formats.REPORT_JSON)) == report
     assert storage.is_done(report_dir)
 
@@ -221,7 +240,7 @@ def test_a_rerun_trains_only_the_runs_it_does_not_find(tmp_path):
         report = evaluate_condensed(
             out, *test, train_x, train_y, DIGITS, 2, 4, cfg, lines.append, report_dir
         )
-        return report, [line for line in lines if line.startswith("eval ")]
+        return report, finished(lines)
 
     first, trained = evaluate(EvalConfig(epochs=2, runs=2, batch_size=8))
     assert len(trained) == 4 and first["runs_reused"] == 0
@@ -246,7 +265,7 @@ def test_a_stopped_evaluation_says_what_it_kept_and_a_rerun_finishes_it(tmp_path
     report_dir = str(tmp_path / "eval")
 
     def stop_after_two(line):  # Ctrl-C after the second run has finished
-        if line.startswith("eval condensed seed 1"):
+        if finished([line]) and line.startswith("eval condensed seed 1:"):
             raise KeyboardInterrupt
 
     args = (out, test_x, test_y, None, None, DIGITS, 2, 4, cfg)
@@ -256,9 +275,7 @@ def test_a_stopped_evaluation_says_what_it_kept_and_a_rerun_finishes_it(tmp_path
     assert not storage.is_done(report_dir)
     lines = []
     report = evaluate_condensed(*args, lines.append, report_dir)
-    assert [line for line in lines if line.startswith("eval ")][-1].startswith(
-        "eval condensed seed 2"
-    )
+    assert finished(lines)[-1].startswith("eval condensed seed 2:")
     assert report["runs_reused"] == 2 and len(report["condensed"]["runs"]) == 3
     assert storage.is_done(report_dir)
 

@@ -36,6 +36,11 @@ report. Try: condense-pipeline run digits --ipc 10
 """
 # Commands that start Ray; the others stay quick (no Ray import).
 RAY_COMMANDS = {"prepare", "train-probes", "stats", "condense", "export", "evaluate", "run"}
+# Ray's driver folds lines from different workers that differ only in their numbers (its log
+# deduplication), so parallel evaluation runs and condensation groups would show one progress
+# line for all of them. Ray reads this when it is imported, which happens after this module.
+PROGRESS_LINES = r"^(eval .+ seed \d+: epoch |group \d+: step )"
+os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", PROGRESS_LINES)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, rich_markup_mode=None)
 say = typer.echo

@@ -35,6 +35,8 @@ from condense_pipeline.errors import Stopped, UserError
 from condense_pipeline.evaluate.loader import load_condensed
 
 log = logging.getLogger(__name__)
+# A training run's progress lines come at most this often.
+PROGRESS_SECONDS = 60.0
 
 LR_DROP = 0.1
 TEST_BATCH = 1024
@@ -134,11 +136,16 @@ def train(
     strategy: tuple[str, ...] | list[str],
     cfg: EvalConfig,
     generator: torch.Generator,
+    progress: Callable[[str], None] | None = None,
 ) -> None:
-    """Train `model` in place on (x, y), already on the model's device, for cfg.epochs."""
+    """Train `model` in place on (x, y), already on the model's device, for cfg.epochs.
+    `progress` hears of each tenth of the epochs that ends PROGRESS_SECONDS or more after the
+    last line (a run on a CPU can take an hour; a run of seconds says nothing)."""
     optimizer = _sgd(model, cfg.lr, cfg)
     model.train()
     forward = _compiled(model) if cfg.compile else model
+    started = said = time.perf_counter()
+    every = max(1, cfg.epochs // 10)
     for epoch in range(cfg.epochs):
         if epoch == cfg.epochs // 2 and epoch > 0:
             # DM re-creates the optimiser at the drop, which also clears the momentum buffers.
@@ -152,6 +159,11 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        done = epoch + 1
+        now = time.perf_counter()
+        if progress and done % every == 0 and done < cfg.epochs and now - said >= PROGRESS_SECONDS:
+            progress(f"epoch {done}/{cfg.epochs} ({now - started:.0f} s)")
+            said = now
 
 
 @torch.no_grad()
@@ -188,6 +200,7 @@ def trained_model(
     num_classes: int,
     cfg: EvalConfig,
     run_seed: int,
+    progress: Callable[[str], None] | None = None,
 ) -> nn.Module:
     """A fresh cfg.model trained on (train_x, train_y); `run_seed` fixes the initial weights, the
     shuffling and the DSA draws. test_x is only checked for its shape, before the training."""
@@ -201,7 +214,7 @@ def trained_model(
     generator = torch.Generator().manual_seed(run_seed)
     x = train_x.to(device=device, dtype=torch.float32)
     y = train_y.to(device=device, dtype=torch.int64)
-    train(model, x, y, profile.augment, cfg, generator)
+    train(model, x, y, profile.augment, cfg, generator, progress)
     return model
 
 
@@ -274,10 +287,12 @@ def _check_manifest(manifest: dict, profile: Profile, export_dir: str) -> None:
         )
 
 
-def _timed_run(x, y, test_x, test_y, profile, num_classes, cfg, seed):
-    """(accuracy %, accuracy % per class, seconds) of one training run."""
+def _timed_run(x, y, test_x, test_y, profile, num_classes, cfg, job, say=None):
+    """(accuracy %, accuracy % per class, seconds) of the training run job (set name, seed);
+    `say` hears of its progress."""
     started = time.perf_counter()
-    model = trained_model(x, y, test_x, profile, num_classes, cfg, seed)
+    progress = None if say is None else lambda line: say(f"eval {job[0]} seed {job[1]}: {line}")
+    model = trained_model(x, y, test_x, profile, num_classes, cfg, job[1], progress)
     predicted = test_predictions(model, test_x.float())
     accuracy = 100.0 * int((predicted == test_y.cpu()).sum()) / len(test_y)
     per_class = class_accuracy(predicted, test_y, num_classes)
@@ -305,7 +320,7 @@ def _train_runs(
     if not use_ray or len(jobs) < 2:
         for job in jobs:
             x, y = sets[job]
-            record(job, _timed_run(x, y, test_x, test_y, profile, num_classes, cfg, job[1]))
+            record(job, _timed_run(x, y, test_x, test_y, profile, num_classes, cfg, job, progress))
         return accuracy
     import ray
 
@@ -318,8 +333,12 @@ def _train_runs(
             refs[id(t)] = ray.put(t)
         return refs[id(t)]
 
+    # A task's printed lines reach the driver's terminal (Ray forwards workers' output).
+    say = None if progress is None else print
     pending = {
-        task.remote(*map(ref, (*sets[job], test_x, test_y)), profile, num_classes, cfg, job[1]): job
+        task.remote(
+            *map(ref, (*sets[job], test_x, test_y)), profile, num_classes, cfg, job, say
+        ): job
         for job in jobs
     }
     while pending:

@@ -290,6 +290,7 @@ def condense_group(
     if threads:
         torch.set_num_threads(threads)
     out = group_dir(condense_dir(run_dir, cfg), classes)
+    name = f"group {g + 1}"  # on screen groups count from 1, as the driver's lines do
     beat = storage.join(out, HEARTBEAT)
     # A beat at start and once the targets are built, so that start-up (loading the statistics)
     # does not count as a stall.
@@ -301,7 +302,7 @@ def condense_group(
     stats = load_stats(run_dir, classes, device)
     if storage.exists(ckpt):
         state = _load_state(ckpt, device)
-        log.info("group %d: resuming at step %d", g, state.step)
+        log.info("%s: resuming at step %d", name, state.step)
     else:
         state = initial_state(stats, classes, g, cfg, bank)
     if cfg.targets == "bank":
@@ -324,7 +325,7 @@ def condense_group(
     # measured once the statistics and the images are on the device
     per_image = cfg.factor**2 * image_bytes(spec.resolution, spec.depth, cfg.method == "datadam")
     chunk = cfg.chunk or chunk_size(torch.device(device), per_image, memory_share)
-    log.info("group %d: %d images, %d per chunk", g, len(state.images), chunk)
+    log.info("%s: %d images, %d per chunk", name, len(state.images), chunk)
     state = condense_loop(
         state,
         targets,
@@ -333,7 +334,7 @@ def condense_group(
         chunk=chunk,
         checkpoint=on_step,
         checkpoint_every=1,  # on_step decides what to write
-        progress=lambda line: log.info("group %d: %s", g, line),
+        progress=lambda line: log.info("%s: %s", name, line),
         log_every=max(1, cfg.steps // 20),
     )
     result = {"images": state.images.cpu().contiguous(), "history": _json_tensor(state.history)}
