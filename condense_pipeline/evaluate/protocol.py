@@ -287,11 +287,16 @@ def _check_manifest(manifest: dict, profile: Profile, export_dir: str) -> None:
         )
 
 
+def _run_name(job: tuple[str, int]) -> str:
+    """How a run's lines start (the CLI's PROGRESS_LINES matches them)."""
+    return f"eval {job[0]} seed {job[1]}"
+
+
 def _timed_run(x, y, test_x, test_y, profile, num_classes, cfg, job, say=None):
     """(accuracy %, accuracy % per class, seconds) of the training run job (set name, seed);
     `say` hears of its progress."""
     started = time.perf_counter()
-    progress = None if say is None else lambda line: say(f"eval {job[0]} seed {job[1]}: {line}")
+    progress = None if say is None else lambda line: say(f"{_run_name(job)}: {line}")
     model = trained_model(x, y, test_x, profile, num_classes, cfg, job[1], progress)
     predicted = test_predictions(model, test_x.float())
     accuracy = 100.0 * int((predicted == test_y.cpu()).sum()) / len(test_y)
@@ -312,7 +317,7 @@ def _train_runs(
     def record(job, result):
         accuracy[job] = result[:2]
         keep(job, result)
-        line = f"eval {job[0]} seed {job[1]}: {result[0]:.2f}% ({result[2]:.1f} s)"
+        line = f"{_run_name(job)}: {result[0]:.2f}% ({result[2]:.1f} s)"
         log.info(line)
         if progress is not None:
             progress(line)
