@@ -153,6 +153,34 @@ def test_a_compiled_run_trains_the_same_network():
         torch.testing.assert_close(compiled[name], p, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("killed_after", [2, 3, 4])  # before, at and after the drop (epoch 3)
+def test_a_killed_run_goes_on_from_its_checkpoint_to_the_same_weights(
+    tmp_path, monkeypatch, killed_after
+):
+    """Bugs caught: a resumed run that starts over (hours lost on a CPU), or that goes on with
+    fresh momentum, another learning rate or other draws, and so trains another network."""
+    monkeypatch.setattr(protocol, "PROGRESS_SECONDS", 0.0)  # a checkpoint every epoch
+    x, y = separable(20, seed=0)
+    cfg = EvalConfig(epochs=6, batch_size=16)
+    whole = trained_model(x, y, x, DIGITS, 2, cfg, 0)
+    checkpoint = str(tmp_path / "run.checkpoint.safetensors")
+
+    def kill(line):
+        if line.startswith(f"epoch {killed_after}/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trained_model(x, y, x, DIGITS, 2, cfg, 0, kill, checkpoint)
+    lines = []
+    resumed = trained_model(x, y, x, DIGITS, 2, cfg, 0, lines.append, checkpoint)
+    assert [line.split(" (")[0] for line in lines] == [
+        f"resuming at epoch {killed_after}/6",
+        *(f"epoch {e}/6" for e in range(killed_after + 1, 6)),
+    ]
+    for name, p in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], p), name
+
+
 def test_compile_without_a_cxx_compiler_fails_in_one_line(monkeypatch):
     import torch._inductor.config as inductor
 
@@ -278,6 +306,29 @@ def test_a_stopped_evaluation_says_what_it_kept_and_a_rerun_finishes_it(tmp_path
     assert finished(lines)[-1].startswith("eval condensed seed 2:")
     assert report["runs_reused"] == 2 and len(report["condensed"]["runs"]) == 3
     assert storage.is_done(report_dir)
+
+
+def test_a_stopped_run_is_finished_from_its_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(protocol, "PROGRESS_SECONDS", 0.0)  # a checkpoint every epoch
+    out, _ = exported(tmp_path)
+    test_x, test_y = separable(10, seed=2)
+    cfg = EvalConfig(epochs=4, runs=1, batch_size=8)
+    args = (out, test_x, test_y, None, None, DIGITS, 2, 4, cfg)
+    report_dir = str(tmp_path / "eval")
+    runs_dir = storage.join(report_dir, formats.EVAL_RUNS_DIR)
+
+    def stop(line):  # Ctrl-C in the middle of the run
+        if " epoch 2/4 " in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Stopped, match=r"^evaluate: 0 of 1 training runs kept and 1 checkpointed"):
+        evaluate_condensed(*args, stop, report_dir)
+    lines = []
+    report = evaluate_condensed(*args, lines.append, report_dir)
+    assert "eval condensed seed 0: resuming at epoch 2/4" in lines
+    # the same accuracy as a run never stopped, and the checkpoint gone once the run is kept
+    assert report["condensed"]["runs"] == evaluate_condensed(*args)["condensed"]["runs"]
+    assert [name.endswith(".json") for name in storage.list_dir(runs_dir)] == [True]
 
 
 def test_runs_as_ray_tasks_give_the_same_report(tmp_path, ray_local):

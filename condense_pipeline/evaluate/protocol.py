@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from torch import nn
 
 from condense_pipeline import formats, storage
@@ -35,7 +37,8 @@ from condense_pipeline.errors import Stopped, UserError
 from condense_pipeline.evaluate.loader import load_condensed
 
 log = logging.getLogger(__name__)
-# A training run's progress lines come at most this often.
+# A training run's progress lines and checkpoints come at most this often (at tenths of its
+# epochs): a run of seconds says nothing and writes nothing.
 PROGRESS_SECONDS = 60.0
 
 LR_DROP = 0.1
@@ -137,22 +140,34 @@ def train(
     cfg: EvalConfig,
     generator: torch.Generator,
     progress: Callable[[str], None] | None = None,
+    checkpoint: str | None = None,
 ) -> None:
     """Train `model` in place on (x, y), already on the model's device, for cfg.epochs.
-    `progress` hears of each tenth of the epochs that ends PROGRESS_SECONDS or more after the
-    last line (a run on a CPU can take an hour; a run of seconds says nothing)."""
-    optimizer = _sgd(model, cfg.lr, cfg)
+
+    At each tenth of the epochs that ends PROGRESS_SECONDS or more after the last, `progress`
+    hears how far the run is, and the run's state is written to `checkpoint` (a run on a CPU can
+    take hours); a run that finds its checkpoint goes on from there, to the same weights."""
+    saved = None
+    if checkpoint is not None and storage.exists(checkpoint):
+        saved = st_load(storage.read_bytes(checkpoint))
+    start = 0 if saved is None else int(saved["epoch"])
+    # DM re-creates the optimiser at the drop, which also clears the momentum buffers.
+    dropped = 0 < cfg.epochs // 2 < start
+    optimizer = _sgd(model, cfg.lr * (LR_DROP if dropped else 1.0), cfg)
+    if saved is not None:
+        _restore_run(saved, model, optimizer, generator)
+        if progress:
+            progress(f"resuming at epoch {start}/{cfg.epochs}")
     model.train()
     forward = _compiled(model) if cfg.compile else model
     started = said = time.perf_counter()
     every = max(1, cfg.epochs // 10)
-    for epoch in range(cfg.epochs):
+    for epoch in range(start, cfg.epochs):
         if epoch == cfg.epochs // 2 and epoch > 0:
-            # DM re-creates the optimiser at the drop, which also clears the momentum buffers.
             optimizer = _sgd(model, cfg.lr * LR_DROP, cfg)
         order = torch.randperm(len(x), generator=generator).to(x.device)
-        for start in range(0, len(x), cfg.batch_size):
-            batch = order[start : start + cfg.batch_size]
+        for first in range(0, len(x), cfg.batch_size):
+            batch = order[first : first + cfg.batch_size]
             with torch.no_grad():  # the images are data here, not parameters
                 xb = augment_batch(x[batch], strategy, generator)
             loss = F.cross_entropy(forward(xb), y[batch])
@@ -161,9 +176,34 @@ def train(
             optimizer.step()
         done = epoch + 1
         now = time.perf_counter()
-        if progress and done % every == 0 and done < cfg.epochs and now - said >= PROGRESS_SECONDS:
-            progress(f"epoch {done}/{cfg.epochs} ({now - started:.0f} s)")
+        if done % every == 0 and done < cfg.epochs and now - said >= PROGRESS_SECONDS:
+            if checkpoint is not None:
+                _save_run(checkpoint, done, model, optimizer, generator)
+            if progress:
+                progress(f"epoch {done}/{cfg.epochs} ({now - started:.0f} s)")
             said = now
+
+
+def _save_run(location: str, epoch: int, model: nn.Module, optimizer, generator) -> None:
+    """A training run's state after `epoch` epochs: weights, momentum, and the draws' generator."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for name, p in model.named_parameters():
+        momentum = optimizer.state.get(p, {}).get("momentum_buffer")
+        if momentum is not None:
+            tensors[f"momentum.{name}"] = momentum.cpu().contiguous()
+    tensors["epoch"] = torch.tensor(epoch)
+    tensors["generator"] = generator.get_state()
+    storage.write_bytes(location, st_save(tensors))
+
+
+def _restore_run(saved: dict, model: nn.Module, optimizer, generator: torch.Generator) -> None:
+    """Put back what _save_run saved."""
+    weights = {k.removeprefix("model."): v for k, v in saved.items() if k.startswith("model.")}
+    model.load_state_dict(weights)
+    for name, p in model.named_parameters():
+        if f"momentum.{name}" in saved:
+            optimizer.state[p]["momentum_buffer"] = saved[f"momentum.{name}"].to(p.device)
+    generator.set_state(saved["generator"])
 
 
 @torch.no_grad()
@@ -201,9 +241,11 @@ def trained_model(
     cfg: EvalConfig,
     run_seed: int,
     progress: Callable[[str], None] | None = None,
+    checkpoint: str | None = None,
 ) -> nn.Module:
     """A fresh cfg.model trained on (train_x, train_y); `run_seed` fixes the initial weights, the
-    shuffling and the DSA draws. test_x is only checked for its shape, before the training."""
+    shuffling and the DSA draws. test_x is only checked for its shape, before the training.
+    `progress` and `checkpoint`: see train."""
     _check_images(train_x, profile, "training")
     _check_images(test_x, profile, "test")
     device = _device(cfg)
@@ -214,7 +256,7 @@ def trained_model(
     generator = torch.Generator().manual_seed(run_seed)
     x = train_x.to(device=device, dtype=torch.float32)
     y = train_y.to(device=device, dtype=torch.int64)
-    train(model, x, y, profile.augment, cfg, generator, progress)
+    train(model, x, y, profile.augment, cfg, generator, progress, checkpoint)
     return model
 
 
@@ -292,12 +334,12 @@ def _run_name(job: tuple[str, int]) -> str:
     return f"eval {job[0]} seed {job[1]}"
 
 
-def _timed_run(x, y, test_x, test_y, profile, num_classes, cfg, job, say=None):
-    """(accuracy %, accuracy % per class, seconds) of the training run job (set name, seed);
-    `say` hears of its progress."""
+def _timed_run(x, y, test_x, test_y, profile, num_classes, cfg, job, say=None, checkpoint=None):
+    """(accuracy %, accuracy % per class, seconds in this process) of the training run job (set
+    name, seed); `say` hears of its progress; it goes on from `checkpoint` if one is there."""
     started = time.perf_counter()
     progress = None if say is None else lambda line: say(f"{_run_name(job)}: {line}")
-    model = trained_model(x, y, test_x, profile, num_classes, cfg, job[1], progress)
+    model = trained_model(x, y, test_x, profile, num_classes, cfg, job[1], progress, checkpoint)
     predicted = test_predictions(model, test_x.float())
     accuracy = 100.0 * int((predicted == test_y.cpu()).sum()) / len(test_y)
     per_class = class_accuracy(predicted, test_y, num_classes)
@@ -305,10 +347,11 @@ def _timed_run(x, y, test_x, test_y, profile, num_classes, cfg, job, say=None):
 
 
 def _train_runs(
-    jobs, sets, test_x, test_y, profile, num_classes, cfg, progress, use_ray, keep
+    jobs, sets, test_x, test_y, profile, num_classes, cfg, progress, use_ray, keep, checkpoints
 ) -> dict:
     """(accuracy, per-class accuracy) per job (set name, seed); sets[job] is its (x, y).
-    `keep(job, result)` is called as each run finishes, before the next is awaited. With
+    `keep(job, result)` is called as each run finishes, before the next is awaited;
+    checkpoints[job], where there is one, is where the run keeps its state meanwhile. With
     `use_ray` every run is a Ray task (one GPU each where there are GPUs), so runs go in parallel
     as far as the cluster allows, and each tensor is put in the object store once and passed by
     reference; otherwise they run one after another here."""
@@ -325,7 +368,8 @@ def _train_runs(
     if not use_ray or len(jobs) < 2:
         for job in jobs:
             x, y = sets[job]
-            record(job, _timed_run(x, y, test_x, test_y, profile, num_classes, cfg, job, progress))
+            args = (x, y, test_x, test_y, profile, num_classes, cfg, job, progress)
+            record(job, _timed_run(*args, checkpoints.get(job)))
         return accuracy
     import ray
 
@@ -342,7 +386,13 @@ def _train_runs(
     say = None if progress is None else print
     pending = {
         task.remote(
-            *map(ref, (*sets[job], test_x, test_y)), profile, num_classes, cfg, job, say
+            *map(ref, (*sets[job], test_x, test_y)),
+            profile,
+            num_classes,
+            cfg,
+            job,
+            say,
+            checkpoints.get(job),
         ): job
         for job in jobs
     }
@@ -370,6 +420,11 @@ def _run_file(job: tuple[str, int], train: str, test: str, cfg, profile, num_cla
     what = {"recipe": recipe(cfg, profile.augment), "classes": num_classes, "seed": job[1]}
     key = hashlib.sha256((json.dumps(what, sort_keys=True) + train + test).encode()).hexdigest()
     return f"{job[0].replace(' ', '-')}-seed{job[1]}-{key[:16]}.json"
+
+
+def _checkpoint_file(run_file: str) -> str:
+    """Where an unfinished run keeps its state: beside the file it will be kept in."""
+    return run_file.removesuffix(".json") + ".checkpoint.safetensors"
 
 
 def evaluate_condensed(
@@ -433,21 +488,38 @@ def evaluate_condensed(
             if progress is not None:
                 progress(line)
 
+    checkpoints = {job: _checkpoint_file(f) for job, f in files.items()}
+
     def keep(job, result):
         if job in files:
             kept = {"accuracy": result[0], "per_class": result[1], "seconds": result[2]}
             storage.write_json(files[job], kept)
+            storage.delete(checkpoints[job])
 
     todo = [job for job in sets if job not in accuracy]
     try:
         accuracy |= _train_runs(
-            todo, sets, test_x, test_y, profile, num_classes, cfg, progress, use_ray, keep
+            todo,
+            sets,
+            test_x,
+            test_y,
+            profile,
+            num_classes,
+            cfg,
+            progress,
+            use_ray,
+            keep,
+            checkpoints,
         )
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the finished runs are on disk
         if not files:
             raise
         kept = sum(storage.exists(f) for f in files.values())
-        raise Stopped(f"evaluate: {kept} of {len(files)} training runs kept ({runs_dir})") from None
+        unfinished = sum(storage.exists(c) for c in checkpoints.values())
+        also = f" and {unfinished} checkpointed" if unfinished else ""
+        raise Stopped(
+            f"evaluate: {kept} of {len(files)} training runs kept{also} ({runs_dir})"
+        ) from None
 
     def summary(name: str) -> dict | None:
         runs = [accuracy[job] for job in sets if job[0] == name]
