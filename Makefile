@@ -24,7 +24,7 @@ chromium:
 test: $(VENV)/.installed chromium
 	$(VENV)/bin/ruff check condense_pipeline tests benchmarks examples
 	$(VENV)/bin/ruff format --check condense_pipeline tests benchmarks examples
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-cluster: $(VENV)/.installed
 	$(PY) -m pytest -q -m cluster

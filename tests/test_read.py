@@ -4,6 +4,7 @@ import io
 import pickle
 import struct
 import tarfile
+import threading
 import zlib
 
 import numpy as np
@@ -409,3 +410,19 @@ def test_ray_read_of_prepared_digits(tmp_path, ray_local):
     check_rejects(summary)
     assert summary.good == 1337 and summary.rejected == {}  # 1437 less the validation split
     assert [summary.by_class[c] for c in range(10)] == info["counts"]
+
+
+def test_a_stopped_unit_reader_leaves_no_ray_data_thread(tmp_path, ray_local):
+    """Bug caught: Ray Data's threads went on calling Ray after a unit's reader was stopped, and
+    one that did so after the CLI's ray.shutdown ended a stopped `stats` with exit code 1 (and a
+    core-worker error line) instead of 130."""
+    from condense_pipeline.pipeline.dispatch import UnitReader
+    from condense_pipeline.prepare import prepare_dataset
+
+    prepare_dataset("digits", None, str(tmp_path), split="train", shard_size=50)
+    shards = storage.list_shards(str(tmp_path / "train"))
+    reader = UnitReader(shards, get_profile("digits"), None, depth=1)
+    assert reader.blocks.get(timeout=300) is not None  # reading has started, more is to come
+    reader.stop()
+    running = [t.name for t in threading.enumerate() if t.name.startswith("StreamingExecutor")]
+    assert running == []

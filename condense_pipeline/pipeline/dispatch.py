@@ -26,6 +26,8 @@ BLOCKS_PER_WORKER = 2
 # of its own; a driver that waits for one does so in calls of about this many seconds, so a slow
 # or busy machine is told from a stalled one.
 FLUSH_CALL_S = 10.0
+# How long a stopped unit reader may take to hand back its next block and shut Ray Data down
+READER_STOP_S = 30.0
 
 
 class Workers:
@@ -199,11 +201,15 @@ class UnitReader:
         self.blocks: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         ds = read.read_images(shards, profile, profile.num_classes, wanted=wanted)
-        threading.Thread(target=self._feed, args=(ds,), daemon=True).start()
+        self._thread = threading.Thread(target=self._feed, args=(ds,), daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
-        """Stop reading; Ray Data shuts the unit's execution down."""
+        """Stop reading and wait (a bounded time) until Ray Data has shut the unit's execution
+        down: its threads go on calling Ray, and one that does so after ray.shutdown ends the
+        whole process with exit code 1 (seen on SIGTERM under load)."""
         self._stop.set()
+        self._thread.join(timeout=READER_STOP_S)
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():
@@ -215,8 +221,9 @@ class UnitReader:
         return False
 
     def _feed(self, ds) -> None:
+        bundles = ds.iter_internal_ref_bundles()
         try:
-            for bundle in ds.iter_internal_ref_bundles():
+            for bundle in bundles:
                 for block in bundle.block_refs:
                     if not self._put(block):
                         return
@@ -224,3 +231,5 @@ class UnitReader:
         except Exception as e:  # handed to the driver's loop, which fails the unit
             if not self._stop.is_set():
                 self._put(e)
+        finally:
+            del bundles  # an unfinished iterator shuts its executor down when it goes
