@@ -412,6 +412,10 @@ def test_ray_read_of_prepared_digits(tmp_path, ray_local):
     assert [summary.by_class[c] for c in range(10)] == info["counts"]
 
 
+def _executor_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("StreamingExecutor")]
+
+
 def test_a_stopped_unit_reader_leaves_no_ray_data_thread(tmp_path, ray_local):
     """Bug caught: Ray Data's threads went on calling Ray after a unit's reader was stopped, and
     one that did so after the CLI's ray.shutdown ended a stopped `stats` with exit code 1 (and a
@@ -424,5 +428,47 @@ def test_a_stopped_unit_reader_leaves_no_ray_data_thread(tmp_path, ray_local):
     reader = UnitReader(shards, get_profile("digits"), None, depth=1)
     assert reader.blocks.get(timeout=300) is not None  # reading has started, more is to come
     reader.stop()
-    running = [t.name for t in threading.enumerate() if t.name.startswith("StreamingExecutor")]
-    assert running == []
+    assert _executor_threads() == []
+
+
+def test_a_closed_pilot_read_leaves_no_ray_data_thread(tmp_path, ray_local):
+    """As for the unit reader: the M3D bandwidth pilot reads on a thread too, and a stats pass
+    stopped during the pilot must not leave Ray Data running into the CLI's ray.shutdown."""
+    from condense_pipeline.pipeline.pilot import _candidates
+    from condense_pipeline.prepare import prepare_dataset
+
+    prepare_dataset("digits", None, str(tmp_path), split="train", shard_size=50)
+    shards = storage.list_shards(str(tmp_path / "train"))
+    everything = np.full(10, np.iinfo(np.uint64).max, dtype=np.uint64)
+    candidates = _candidates(shards, get_profile("digits"), everything, 0, timeout=300)
+    next(candidates)  # reading has started, more is to come
+    candidates.close()
+    assert _executor_threads() == []
+
+
+def test_a_stopped_command_closes_its_ray_data_iterators_before_ray_shutdown(
+    tmp_path, ray_local, monkeypatch
+):
+    """A stage stopped while it iterates a Ray Data dataset on the main thread (evaluate reading
+    its test split) still holds the iterator in the exception's frames; the CLI lets them go
+    before ray.shutdown, or Ray Data's threads call into a Ray that is gone."""
+    import ray
+
+    from condense_pipeline.cli import app
+    from condense_pipeline.errors import Stopped
+    from condense_pipeline.prepare import prepare_dataset
+
+    prepare_dataset("digits", None, str(tmp_path), split="train", shard_size=50)
+    shards = storage.list_shards(str(tmp_path / "train"))
+
+    def stage(**_):
+        batches = iter(read_images(shards, get_profile("digits"), 10).iter_batches())
+        next(batches)
+        raise Stopped("a stage")
+
+    at_shutdown = []
+    monkeypatch.setattr(app, "cli", lambda: stage)
+    monkeypatch.setattr(ray, "shutdown", lambda: at_shutdown.append(_executor_threads()))
+    with pytest.raises(SystemExit) as stopped:
+        app.main()
+    assert stopped.value.code == 130 and at_shutdown == [[]]

@@ -693,10 +693,12 @@ def _stoppable(kept: str):
 def _stop(what: str) -> None:
     """After Ctrl-C or SIGTERM: end Ray's part (a local Ray this command started goes with it),
     then one line, and the exit code of an interrupted command."""
+    import gc
     import threading
 
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
+        gc.collect()  # an open Ray Data iterator held in a reference cycle closes here, not later
         # the readers' background threads fail once Ray is gone: they are abandoned, not errors
         threading.excepthook = lambda args: None
         logging.disable(logging.CRITICAL)
@@ -716,7 +718,12 @@ def main() -> None:
         typer.echo(f"error: {cause if isinstance(cause, UserError) else e}", err=True)
         sys.exit(2)
     except Stopped as e:  # Ctrl-C or SIGTERM: the stage says what it had committed
-        _stop(str(e))
+        stopped = str(e)
+    else:
+        return
+    # Outside the except block: the exception goes, and with it the interrupted stage's frames
+    # and any Ray Data iterator still open in them, which shuts its execution down first.
+    _stop(stopped)
 
 
 if __name__ == "__main__":

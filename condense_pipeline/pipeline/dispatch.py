@@ -26,8 +26,6 @@ BLOCKS_PER_WORKER = 2
 # of its own; a driver that waits for one does so in calls of about this many seconds, so a slow
 # or busy machine is told from a stalled one.
 FLUSH_CALL_S = 10.0
-# How long a stopped unit reader may take to hand back its next block and shut Ray Data down
-READER_STOP_S = 30.0
 
 
 class Workers:
@@ -209,7 +207,7 @@ class UnitReader:
         down: its threads go on calling Ray, and one that does so after ray.shutdown ends the
         whole process with exit code 1 (seen on SIGTERM under load)."""
         self._stop.set()
-        self._thread.join(timeout=READER_STOP_S)
+        self._thread.join(timeout=read.READER_STOP_S)
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():

@@ -110,7 +110,8 @@ def _watched(batches, timeout: float):
         except Exception as e:  # raised in the driver's thread below
             put(e)
 
-    threading.Thread(target=pull, daemon=True).start()
+    puller = threading.Thread(target=pull, daemon=True)
+    puller.start()
     try:
         while True:
             try:
@@ -126,7 +127,10 @@ def _watched(batches, timeout: float):
                 raise item
             yield item
     finally:
+        # as UnitReader.stop: the puller's iterator goes with it, and Ray Data then shuts its
+        # execution down, before a stopped command's ray.shutdown
         stop.set()
+        puller.join(timeout=read.READER_STOP_S)
 
 
 def _below(keys: list[str], labels: np.ndarray, *, limits: np.ndarray, seed: int) -> np.ndarray:

@@ -46,6 +46,11 @@ DEFAULT_MAX_PIXELS = 89_478_485
 MAX_IMAGE_BYTES = 256 << 20
 MAX_LABEL_BYTES = 32
 
+# How long a stopped reader thread may take to hand back its next block and shut Ray Data's
+# execution down (its threads go on calling Ray, and one that does so after ray.shutdown ends the
+# whole process with exit code 1)
+READER_STOP_S = 30.0
+
 # The error of a good sample that the reader was told not to decode (read_images' `wanted`).
 UNUSED = "unused"
 
