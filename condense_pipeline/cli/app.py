@@ -39,7 +39,7 @@ RAY_COMMANDS = {"prepare", "train-probes", "stats", "condense", "export", "evalu
 # Ray's driver folds lines from different workers that differ only in their numbers (its log
 # deduplication), so parallel evaluation runs and condensation groups would show one progress
 # line for all of them. Ray reads this when it is imported, which happens after this module.
-PROGRESS_LINES = r"^(eval .+ seed \d+: epoch |group \d+: step )"
+PROGRESS_LINES = r"^(eval .+ seed \d+: (resuming at )?epoch |group \d+: (resuming at )?step )"
 os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", PROGRESS_LINES)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, rich_markup_mode=None)
