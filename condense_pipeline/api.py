@@ -245,20 +245,27 @@ def evaluate(
     split: str = TEST,
     use_ray: bool = False,
     baseline: bool = True,
+    condensed: bool = True,
 ) -> dict:
     """The evaluation protocol on the exported set, next to random real subsets of the same IPC:
     run r draws its own from the init pools after the images the condensation started from.
     `baseline=False` trains the condensed set alone (the baseline depends only on the init pool,
-    the IPC, the runs and the test split, so one evaluation serves every method of a run).
+    the IPC, the runs and the test split, so one evaluation serves every method of a run), and
+    `condensed=False` the baseline alone (no export needed: the folder's config says the IPC and
+    the initial images). Each finished run is kept, so a later evaluation reuses it.
 
     Tests on `test` shards, else on the prepared `split` (test, or validation to choose
     settings). Refuses an export of other statistics than the run directory holds, and a
     baseline the init pool cannot serve, before any training. `use_ray`: train the runs as Ray
     tasks (reading always uses Ray Data)."""
+    if not (baseline or condensed):
+        raise UserError("nothing to evaluate: both the condensed set and the baseline are off")
     folder = condense_dir(run_dir, cond)
     export_dir = storage.join(folder, EXPORT_DIR)
     bank = read_bank(run_dir)
-    condensation = lineage.check_export(read_manifest(export_dir), bank, cond, export_dir)
+    condensation = None
+    if condensed:
+        condensation = lineage.check_export(read_manifest(export_dir), bank, cond, export_dir)
     done = storage.read_json(storage.join(stats_dir(run_dir), storage.DONE))
     check_pool(lineage.pool_sizes(bank, done), cond, cfg.runs if baseline else 0)
     location = test or default_data(profile, split)
@@ -274,7 +281,7 @@ def evaluate(
         "test_split": info["split"],
     }
     report = evaluate_condensed(
-        export_dir,
+        export_dir if condensed else None,
         test_x,
         test_y,
         pool_x,
@@ -289,7 +296,8 @@ def evaluate(
         train_keys=pool_keys,
         inputs=inputs,
     )
-    write_dataset_card(storage.join(folder, EXPORT_DIR), profile.name, report)
+    if condensed:  # the card states the condensed set's accuracy
+        write_dataset_card(export_dir, profile.name, report)
     return report
 
 

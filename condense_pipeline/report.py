@@ -142,7 +142,7 @@ def condensation_section(run_dir: str, folder: str) -> tuple[str, dict | None]:
             f"{_settings(manifest.get('recipe', {}))}</details>"
         )
     point = None
-    if report and cfg:
+    if report and report["condensed"] and cfg:
         point = {
             "steps": cfg.get("steps"),
             "mean": report["condensed"]["mean"],

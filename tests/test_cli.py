@@ -153,6 +153,10 @@ def test_every_command_and_a_rerun_that_resumes(digits_data, tmp_path):
     saved = json.loads((folder / "eval" / "report.json").read_text())
     assert saved["random_real"] is None and len(saved["condensed"]["runs"]) == 3
     assert "condensed" in alone and "random real" not in alone
+    neither = cli("evaluate", str(folder), "--test", test, "--no-baseline", "--no-condensed")
+    assert neither.returncode == 2 and neither.stderr.strip().splitlines() == [
+        "error: nothing to evaluate: both the condensed set and the baseline are off"
+    ]
     shown = ok(cli("show", str(run_dir)))
     assert folder.name in shown and "probe forwards" in shown and "group(s) run" in shown
     plan = ok(cli("condense", str(run_dir), "--ipc", "10", "--method", "dm", "--dry-run",
@@ -197,8 +201,21 @@ def test_a_run_without_evaluation_can_be_evaluated_later_with_its_baseline(digit
            "--runs", "2", "--no-eval", "--data", data, "--out", str(tmp_path)))  # fmt: skip
     (folder,) = (tmp_path / "condense").iterdir()
     evaluate = ("evaluate", str(folder), "--test", test, "--epochs", "1", "--runs", "2")
+    # The baseline alone needs no export (the folder's config names its IPC and initial images),
+    # and its runs are kept for the full evaluation. Catches: a baseline-only evaluation that
+    # reads the export, or whose runs the full one does not reuse.
+    (folder / "export").rename(folder / "export.aside")
+    alone = ok(cli(*evaluate, "--no-condensed"))
+    (folder / "export.aside").rename(folder / "export")
+    assert "random real" in alone and "condensed" not in alone.split("accuracy")[-1]
+    assert json.loads((folder / "eval" / "report.json").read_text())["condensed"] is None
+    assert re.search(r"condense/\S+: random real [\d.]+%", ok(cli("show", str(tmp_path))))
+    ok(cli("report", str(tmp_path)))
+    assert "random real (same IPC)" in (tmp_path / "report.html").read_text()
     report = ok(cli(*evaluate))
-    assert "vs random real" in report
+    assert "eval: 2 of 4 training runs reused" in report and "vs random real" in report
+    baseline = re.compile(r"random real [\d.]+ ± [\d.]+%")
+    assert baseline.findall(report) == baseline.findall(alone)
     # and the same evaluation again trains nothing: its runs were kept
     again = ok(cli(*evaluate))
     assert "eval: 4 of 4 training runs reused" in again

@@ -428,7 +428,7 @@ def _checkpoint_file(run_file: str) -> str:
 
 
 def evaluate_condensed(
-    export_dir: str,
+    export_dir: str | None,
     test_x: torch.Tensor,
     test_y: torch.Tensor,
     train_x: torch.Tensor | None,
@@ -450,25 +450,30 @@ def evaluate_condensed(
     job would read it. Run r (seed cfg.seed + r) of the baseline trains on its own random subset
     of (train_x, train_y), drawn with that seed and disjoint from the other runs' (see
     random_real_subsets), so the baseline's spread includes the subsets'; pass train_x=None to
-    skip the baseline. `train_keys` (the keys of train_x) name each run's images in
-    baseline.json beside the report; `inputs` (what the report was computed from) goes into
-    the report. With `report_dir` the report is written there as report.json, followed by the
-    completion marker, and each finished training run is kept in its runs/ folder as it
-    finishes: a rerun (after a stop, or with more runs) trains only the runs it does not find
-    there for the same recipe, images and test split. `use_ray`: train the runs as Ray tasks.
+    skip the baseline, or export_dir=None to train the baseline alone. `train_keys` (the keys
+    of train_x) name each run's images in baseline.json beside the report; `inputs` (what the
+    report was computed from) goes into the report. With `report_dir` the report is written
+    there as report.json, followed by the completion marker, and each finished training run is
+    kept in its runs/ folder as it finishes: a rerun (after a stop, or with more runs, or with
+    the other set) trains only the runs it does not find there for the same recipe, images and
+    test split. `use_ray`: train the runs as Ray tasks.
     """
     started = time.perf_counter()
-    condensed = load_condensed(export_dir)
-    _check_manifest(condensed.manifest, profile, export_dir)
-    syn_x, syn_y = condensed.tensors()
     seeds = [cfg.seed + r for r in range(cfg.runs)]
-
-    sets = {("condensed", seed): (syn_x, syn_y) for seed in seeds}
+    sets, manifest, syn_y = {}, {}, None
+    if export_dir is not None:
+        condensed = load_condensed(export_dir)
+        manifest = condensed.manifest
+        _check_manifest(manifest, profile, export_dir)
+        syn_x, syn_y = condensed.tensors()
+        sets = {("condensed", seed): (syn_x, syn_y) for seed in seeds}
     subsets = []
     if train_x is not None and train_y is not None:
         subsets = random_real_subsets(train_y, ipc, seeds, num_classes)
         for seed, idx in zip(seeds, subsets):
             sets[("random real", seed)] = (train_x[idx], train_y[idx])
+    if not sets:
+        raise ValueError("nothing to evaluate: neither an exported set nor baseline images")
     accuracy, files = {}, {}
     if report_dir is not None:
         runs_dir = storage.join(report_dir, formats.EVAL_RUNS_DIR)
@@ -540,12 +545,10 @@ def evaluate_condensed(
         "model": cfg.model,
         "runs": cfg.runs,
         "runs_reused": len(sets) - len(todo),
-        "num_train_condensed": len(syn_y),
+        "num_train_condensed": None if syn_y is None else len(syn_y),
         "num_test": len(test_y),
-        "float_vs_png_max_abs_diff": condensed.manifest.get("float_vs_png_max_abs_diff"),
-        "float_vs_png_max_abs_diff_pixels": condensed.manifest.get(
-            "float_vs_png_max_abs_diff_pixels"
-        ),
+        "float_vs_png_max_abs_diff": manifest.get("float_vs_png_max_abs_diff"),
+        "float_vs_png_max_abs_diff_pixels": manifest.get("float_vs_png_max_abs_diff_pixels"),
         "recipe": recipe(cfg, profile.augment),
         "config": dataclasses.asdict(cfg),
         "inputs": inputs or {},
@@ -553,13 +556,10 @@ def evaluate_condensed(
     if report["random_real"] is not None:
         report["random_real"]["drawn_from"] = len(train_y)  # real images, all classes
     report["seconds"] = time.perf_counter() - started
-    log.info(
-        "condensed %.2f ± %.2f%% over %d runs (%d epochs)",
-        report["condensed"]["mean"],
-        report["condensed"]["std"],
-        cfg.runs,
-        cfg.epochs,
-    )
+    for name in ("condensed", "random_real"):
+        if report[name] is not None:
+            s = report[name]
+            log.info("%s %.2f ± %.2f%% over %d runs", name, s["mean"], s["std"], cfg.runs)
     if report_dir is not None:
         storage.delete(storage.join(report_dir, storage.DONE))
         if subsets and train_keys is not None:
