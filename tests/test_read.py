@@ -420,14 +420,14 @@ def test_a_stopped_unit_reader_leaves_no_ray_data_thread(tmp_path, ray_local):
     """Bug caught: Ray Data's threads went on calling Ray after a unit's reader was stopped, and
     one that did so after the CLI's ray.shutdown ended a stopped `stats` with exit code 1 (and a
     core-worker error line) instead of 130."""
-    from condense_pipeline.pipeline.dispatch import UnitReader
+    from condense_pipeline.pipeline.dispatch import Readers
     from condense_pipeline.prepare import prepare_dataset
 
     prepare_dataset("digits", None, str(tmp_path), split="train", shard_size=50)
     shards = storage.list_shards(str(tmp_path / "train"))
-    reader = UnitReader(shards, get_profile("digits"), None, depth=1)
-    assert reader.blocks.get(timeout=300) is not None  # reading has started, more is to come
-    reader.stop()
+    readers = Readers([shards], get_profile("digits"), None, depth=1)
+    assert readers.blocks(0).get(timeout=300) is not None  # reading has started, more is to come
+    readers.stop()
     assert _executor_threads() == []
 
 

@@ -7,9 +7,9 @@ once; either way the caller reruns the units since the last commit on rebuilt wo
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
-import threading
 import time
 
 from condense_pipeline.datasets import Profile
@@ -168,17 +168,20 @@ def drain(workers, stall_timeout_s: float) -> None:
 
 
 class Readers:
-    """One UnitReader per unit, started ahead of use so the next unit's first blocks are ready
-    when the current one ends."""
+    """One reader per unit, started ahead of use so the next unit's first blocks are ready when
+    the current one ends. Each unit is read on a thread (read.Puller), so the driver stays free
+    to notice a unit that makes no progress at all."""
 
     def __init__(self, units: list[list[str]], profile: Profile, wanted, depth: int):
         self.units, self.profile, self.wanted, self.depth = units, profile, wanted, depth
-        self.readers: dict[int, UnitReader] = {}
+        self.readers: dict[int, read.Puller] = {}
 
     def blocks(self, u: int) -> queue.Queue:
+        """Unit u's block references, then None (or the exception raised)."""
         if u not in self.readers:
-            self.readers[u] = UnitReader(self.units[u], self.profile, self.wanted, self.depth)
-        return self.readers[u].blocks
+            blocks = functools.partial(_unit_blocks, self.units[u], self.profile, self.wanted)
+            self.readers[u] = read.Puller(blocks, self.depth)
+        return self.readers[u].items
 
     def done(self, u: int) -> None:
         self.readers.pop(u).stop()
@@ -189,45 +192,9 @@ class Readers:
         self.readers.clear()
 
 
-class UnitReader:
-    """Reads one unit's shards with Ray Data in a thread: the block references go on `blocks`,
-    then None (or the exception raised). Ray Data reads and decodes on CPU tasks; the driver
-    only passes references on, so rows go from the object store to a worker once. The thread
-    keeps the driver free to notice a unit that makes no progress at all."""
-
-    def __init__(self, shards: list[str], profile: Profile, wanted, depth: int):
-        self.blocks: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        ds = read.read_images(shards, profile, profile.num_classes, wanted=wanted)
-        self._thread = threading.Thread(target=self._feed, args=(ds,), daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop reading and wait (a bounded time) until Ray Data has shut the unit's execution
-        down: its threads go on calling Ray, and one that does so after ray.shutdown ends the
-        whole process with exit code 1 (seen on SIGTERM under load)."""
-        self._stop.set()
-        self._thread.join(timeout=read.READER_STOP_S)
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self.blocks.put(item, timeout=1.0)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def _feed(self, ds) -> None:
-        bundles = ds.iter_internal_ref_bundles()
-        try:
-            for bundle in bundles:
-                for block in bundle.block_refs:
-                    if not self._put(block):
-                        return
-            self._put(None)
-        except Exception as e:  # handed to the driver's loop, which fails the unit
-            if not self._stop.is_set():
-                self._put(e)
-        finally:
-            del bundles  # an unfinished iterator shuts its executor down when it goes
+def _unit_blocks(shards: list[str], profile: Profile, wanted):
+    """Ray Data reads and decodes on CPU tasks; the driver only passes block references on, so
+    rows go from the object store to a worker once."""
+    ds = read.read_images(shards, profile, profile.num_classes, wanted=wanted)
+    for bundle in ds.iter_internal_ref_bundles():
+        yield from bundle.block_refs

@@ -7,7 +7,6 @@ import functools
 import heapq
 import math
 import queue
-import threading
 
 import numpy as np
 import torch
@@ -76,61 +75,34 @@ def _candidates(shards: list[str], profile: Profile, limits: np.ndarray, seed: i
     wanted = functools.partial(_below, limits=limits, seed=seed)
     ds = read.read_images(shards, profile, profile.num_classes, wanted=wanted)
     decoded = ds.map_batches(_decoded_only, batch_format="numpy")
-    for batch in _watched(decoded.iter_batches(batch_format="numpy", batch_size=None), timeout):
+    batches = functools.partial(decoded.iter_batches, batch_format="numpy", batch_size=None)
+    for batch in _watched(batches, timeout):
         keys = [str(k) for k in batch[KEY]]
         for h, key, label, image in zip(pool_hashes(keys, seed), keys, batch[LABEL], batch[IMAGE]):
             yield int(h), key, int(label), image
 
 
-_END = object()
-
-
-def _watched(batches, timeout: float):
-    """The items of `batches`, pulled on a thread; a UserError when none comes for `timeout`
-    seconds. Ray Data waits for ever for a CPU to run its read tasks on, and a cluster whose
-    CPUs are all held would leave the stage silent."""
-    items: queue.Queue = queue.Queue(maxsize=2)
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                items.put(item, timeout=1.0)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def pull() -> None:
-        try:
-            for batch in batches:
-                if not put(batch):
-                    return
-            put(_END)
-        except Exception as e:  # raised in the driver's thread below
-            put(e)
-
-    puller = threading.Thread(target=pull, daemon=True)
-    puller.start()
+def _watched(open_batches, timeout: float):
+    """The batches of `open_batches()`, pulled on a thread; a UserError when none comes for
+    `timeout` seconds. Ray Data waits for ever for a CPU to run its read tasks on, and a cluster
+    whose CPUs are all held would leave the stage silent."""
+    puller = read.Puller(open_batches, depth=2)
     try:
         while True:
             try:
-                item = items.get(timeout=timeout)
+                item = puller.items.get(timeout=timeout)
             except queue.Empty:
                 raise UserError(
                     f"stats stage stalled: the M3D bandwidth pilot read nothing for {timeout:.0f}"
                     " s; check that the cluster has CPUs free for Ray Data's read tasks"
                 ) from None
-            if item is _END:
+            if item is None:
                 return
             if isinstance(item, Exception):
                 raise item
             yield item
     finally:
-        # as UnitReader.stop: the puller's iterator goes with it, and Ray Data then shuts its
-        # execution down, before a stopped command's ray.shutdown
-        stop.set()
-        puller.join(timeout=read.READER_STOP_S)
+        puller.stop()
 
 
 def _below(keys: list[str], labels: np.ndarray, *, limits: np.ndarray, seed: int) -> np.ndarray:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import logging
+import queue
 import tarfile
+import threading
 import warnings
 import zlib
 from collections import Counter
@@ -46,9 +48,9 @@ DEFAULT_MAX_PIXELS = 89_478_485
 MAX_IMAGE_BYTES = 256 << 20
 MAX_LABEL_BYTES = 32
 
-# How long a stopped reader thread may take to hand back its next block and shut Ray Data's
-# execution down (its threads go on calling Ray, and one that does so after ray.shutdown ends the
-# whole process with exit code 1)
+# How long a stopped Puller may take to hand back its next item and shut Ray Data's execution
+# down (its threads go on calling Ray, and one that does so after ray.shutdown ends the whole
+# process with exit code 1)
 READER_STOP_S = 30.0
 
 # The error of a good sample that the reader was told not to decode (read_images' `wanted`).
@@ -430,3 +432,41 @@ def load_dataset_info(shard_dir_or_spec: str) -> dict:
             f"{DATASET_FORMAT}; re-run `condense-pipeline prepare`"
         )
     return info
+
+
+class Puller:
+    """The items of a Ray Data iterator, pulled on a thread of its own into a bounded queue
+    (`items`), then None, or the exception the iterator raised. The caller's thread stays free to
+    notice a read that makes no progress at all: Ray Data waits for ever for CPUs to run its read
+    tasks on. `open` makes the iterator on that thread, so that it lives there only: when the
+    thread ends, finished or stopped, the iterator goes, and Ray Data shuts its execution down."""
+
+    def __init__(self, open: Callable[[], Iterable], depth: int):
+        self.items: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pull, args=(open,), daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop pulling and wait (at most READER_STOP_S) until Ray Data has shut the read's
+        execution down, so that none of it runs into a stopped command's ray.shutdown."""
+        self._stop.set()
+        self._thread.join(timeout=READER_STOP_S)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self.items.put(item, timeout=1.0)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _pull(self, open: Callable[[], Iterable]) -> None:
+        try:
+            for item in open():
+                if not self._put(item):
+                    return
+            self._put(None)
+        except Exception as e:  # raised again in the caller's thread
+            self._put(e)
